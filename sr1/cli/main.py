@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-import click
 import typer
 
 from sr1.errors import Sr1Error
@@ -52,20 +51,14 @@ for _name in _COMMAND_MODULES:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; Sr1Error becomes ``error: ...`` on stderr and a non-zero exit code."""
     try:
-        app(args=argv, prog_name="sr1", standalone_mode=False)
+        app(args=argv, prog_name="sr1")
+    except SystemExit as e:  # click's normal exit path (help, usage errors, success)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Sr1Error as e:
         from sr1.cli.common import err_console
 
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
         return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
-        return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
