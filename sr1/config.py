@@ -30,32 +30,44 @@ def opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" mirrors argparse
 class ModelConfig:
     name: str = opt("smollm2-135m", "Model alias (sr1 model list), HF hub name, or local path.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) for hub models.")
-    dtype: str = opt("auto", "auto (bf16 on GPU with bf16 support, fp32 on CPU), float32, bfloat16, float16.")
+    dtype: str = opt(
+        "auto", "auto (bf16 on GPU with bf16 support, fp32 on CPU), float32, bfloat16, float16."
+    )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     trust_remote_code: bool = opt(False, "Pass trust_remote_code to transformers.")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_datasets: list[str] = opt(["nq", "hotpotqa"], "Datasets whose train split forms the training mix.")
+    train_datasets: list[str] = opt(
+        ["nq", "hotpotqa"], "Datasets whose train split forms the training mix."
+    )
     eval_datasets: list[str] = opt(
         ["nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle"],
         "Datasets evaluated by --all-datasets.",
     )
-    source_dir: str | None = opt(None, "Directory of FlashRAG-format <dataset>/<split>.jsonl files.")
-    template: str = opt("base", "Prompt template: base (raw Search-R1 prompt) or instruct (chat template).")
+    source_dir: str | None = opt(
+        None, "Directory of FlashRAG-format <dataset>/<split>.jsonl files."
+    )
+    template: str = opt(
+        "base", "Prompt template: base (raw Search-R1 prompt) or instruct (chat template)."
+    )
     max_train_examples: int | None = opt(None, "Cap on training examples (None = all).")
     seed: int = opt(0, "Seed for shuffling and sampling data.")
 
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    index: str = opt("synth", "Index name (sr1 index list) or an http(s) URL of a /retrieve server.")
+    index: str = opt(
+        "synth", "Index name (sr1 index list) or an http(s) URL of a /retrieve server."
+    )
     retriever: str = opt("bm25", "bm25 or dense.")
     topk: int = opt(3, "Passages returned per query.")
     encoder: str = opt("intfloat/e5-base-v2", "Dense encoder: sentence-transformers name or path.")
     query_prefix: str = opt("query: ", "Prefix added to queries for the dense encoder (e5 style).")
-    passage_prefix: str = opt("passage: ", "Prefix added to passages for the dense encoder (e5 style).")
+    passage_prefix: str = opt(
+        "passage: ", "Prefix added to passages for the dense encoder (e5 style)."
+    )
     faiss_index: str = opt("flat", "faiss index type for dense retrieval: flat or hnsw.")
     encode_batch_size: int = opt(256, "Batch size for dense passage encoding.")
     bm25_backend: str = opt("numba", "bm25s backend: numba (fast, JIT) or numpy.")
@@ -66,8 +78,12 @@ class RolloutConfig:
     engine: str = opt("hf", "Generation engine: hf (transformers generate) or vllm.")
     max_turns: int = opt(2, "Maximum search calls per trajectory; then an answer is forced.")
     max_response_length: int = opt(128, "Max tokens the policy generates per turn.")
-    max_total_response_length: int = opt(768, "Max tokens of the whole response (generated + inserted).")
-    max_obs_length: int = opt(200, "Observation (<information> block) tokens kept; longer ones are truncated.")
+    max_total_response_length: int = opt(
+        768, "Max tokens of the whole response (generated + inserted)."
+    )
+    max_obs_length: int = opt(
+        200, "Observation (<information> block) tokens kept; longer ones are truncated."
+    )
     max_prompt_length: int = opt(512, "Prompts longer than this many tokens are left-truncated.")
     temperature: float = opt(1.0, "Sampling temperature for training rollouts.")
     top_p: float = opt(1.0, "Nucleus sampling p.")
@@ -85,16 +101,24 @@ class AlgorithmConfig:
     lam: float = opt(1.0, "GAE lambda.")
     norm_adv_by_std: bool = opt(True, "GRPO: divide group-centred rewards by the group std.")
     clip_ratio: float = opt(0.2, "PPO clip epsilon (lower).")
-    clip_ratio_high: float | None = opt(None, "Upper clip epsilon (clip-higher, DAPO); None = clip_ratio.")
-    dual_clip_c: float | None = opt(None, "Dual-clip constant c (>1) for negative advantages; None = off.")
+    clip_ratio_high: float | None = opt(
+        None, "Upper clip epsilon (clip-higher, DAPO); None = clip_ratio."
+    )
+    dual_clip_c: float | None = opt(
+        None, "Dual-clip constant c (>1) for negative advantages; None = off."
+    )
     value_clip: float = opt(0.5, "Value-function clip range (PPO).")
     kl_coef: float = opt(0.001, "KL-to-reference coefficient.")
     kl_estimator: str = opt("k3", "KL estimator: k1, k2 or k3 (low-variance).")
     kl_in_reward: bool = opt(False, "Apply KL as a reward penalty instead of a loss term.")
     entropy_coef: float = opt(0.001, "Entropy bonus coefficient.")
-    loss_agg: str = opt("token-mean", "Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean.")
+    loss_agg: str = opt(
+        "token-mean", "Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean."
+    )
     reward: str = opt("em", "Reward: em, f1 or format (EM with format shaping).")
-    use_mask: bool = opt(True, "Mask retrieved tokens out of the loss (the paper's point; off only for ablation).")
+    use_mask: bool = opt(
+        True, "Mask retrieved tokens out of the loss (the paper's point; off only for ablation)."
+    )
 
 
 @dataclass(frozen=True)
@@ -133,7 +157,9 @@ class EvalConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = opt("sr1", "MLflow experiment name.")
-    mlflow_uri: str | None = opt(None, "MLflow tracking URI; None = MLFLOW_TRACKING_URI or sqlite:///$SR1_HOME/mlflow.db.")
+    mlflow_uri: str | None = opt(
+        None, "MLflow tracking URI; None = MLFLOW_TRACKING_URI or sqlite:///$SR1_HOME/mlflow.db."
+    )
     log_every: int = opt(1, "Log metrics every N steps.")
 
 
@@ -163,9 +189,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         errors = []
         for a in args:
             if a is type(None):
@@ -184,7 +210,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "1",
+            "yes",
+            "on",
+            "false",
+            "0",
+            "no",
+            "off",
+        ):
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
@@ -229,7 +264,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config; syntax errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}", hint="pass a path like experiments/quickstart.yaml")
+        raise ConfigError(
+            f"config file not found: {path}", hint="pass a path like experiments/quickstart.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -276,7 +313,9 @@ def resolve_config(
     cfg = base or ExperimentConfig()
     if yaml_path is not None:
         cfg = _apply(cfg, load_yaml(yaml_path), str(yaml_path))
-    flag_updates = {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in section_updates.items()}
+    flag_updates = {
+        k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in section_updates.items()
+    }
     flag_updates = {k: v for k, v in flag_updates.items() if v}
     if flag_updates:
         cfg = _apply(cfg, flag_updates, "")

@@ -75,7 +75,9 @@ def resolve(name: str) -> str:
     if name in LOCAL_ALIASES:
         d = local_model_dir(name)
         if not (d / "config.json").is_file():
-            raise NotFoundError(f"model {name!r} is not fetched yet", hint=f"run `sr1 model fetch {name}`")
+            raise NotFoundError(
+                f"model {name!r} is not fetched yet", hint=f"run `sr1 model fetch {name}`"
+            )
         return str(d)
     if name in HUB_ALIASES:
         return HUB_ALIASES[name]
@@ -145,7 +147,9 @@ def fetch(name: str, force: bool = False) -> Path | str:
         with atomic_path(out) as tmp:
             tmp.mkdir(parents=True)
             _FETCHERS[name](tmp)
-            write_json_atomic(tmp / "sr1_model.json", {"alias": name, "source": LOCAL_ALIASES[name]})
+            write_json_atomic(
+                tmp / "sr1_model.json", {"alias": name, "source": LOCAL_ALIASES[name]}
+            )
         return out
     target = resolve(name)
     if Path(target).exists():
@@ -163,10 +167,15 @@ def fetch(name: str, force: bool = False) -> Path | str:
 
 def list_models() -> list[ModelInfo]:
     rows = [
-        ModelInfo(n, "local", str(local_model_dir(n)), (local_model_dir(n) / "config.json").is_file(), d)
+        ModelInfo(
+            n, "local", str(local_model_dir(n)), (local_model_dir(n) / "config.json").is_file(), d
+        )
         for n, d in LOCAL_ALIASES.items()
     ]
-    rows += [ModelInfo(n, "hub", h, False, "hub model (downloaded on first use)") for n, h in HUB_ALIASES.items()]
+    rows += [
+        ModelInfo(n, "hub", h, False, "hub model (downloaded on first use)")
+        for n, h in HUB_ALIASES.items()
+    ]
     for d in sorted(paths.models_dir().iterdir()):
         if d.is_dir() and d.name not in LOCAL_ALIASES and (d / "config.json").is_file():
             rows.append(ModelInfo(d.name, "path", str(d), True, "local checkpoint"))
@@ -204,12 +213,16 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
     return tok
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "auto", revision: str | None = None) -> Any:
+def load_model(
+    name: str, dtype: str = "auto", device: str = "auto", revision: str | None = None
+) -> Any:
     """Load a causal LM on the configured device and dtype."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=pick_dtype(dtype, dev), revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve(name), dtype=pick_dtype(dtype, dev), revision=revision
+    )
     return model.to(dev)
 
 

@@ -74,7 +74,9 @@ def f1_score(prediction: str | None, golden: Sequence[str]) -> float:
 def answer_in_text(text: str, golden: Sequence[str]) -> float:
     """1 if a normalised golden answer appears in ``text`` (e.g. the retrieved passages)."""
     t = f" {normalize_answer(_norm_unicode(text))} "
-    return float(any(f" {normalize_answer(_norm_unicode(g))} " in t for g in golden if normalize_answer(g)))
+    return float(
+        any(f" {normalize_answer(_norm_unicode(g))} " in t for g in golden if normalize_answer(g))
+    )
 
 
 def is_well_formed(response: str) -> bool:

@@ -8,7 +8,9 @@ from rich.table import Table
 from sr1 import models
 from sr1.cli.common import JSON_HELP, err_console, out_console, print_json
 
-model_app = typer.Typer(help="Model aliases and local models: list them, fetch them.", no_args_is_help=True)
+model_app = typer.Typer(
+    help="Model aliases and local models: list them, fetch them.", no_args_is_help=True
+)
 
 
 @model_app.command("list")
@@ -28,7 +30,9 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help=JSON_HELP)) -> 
 
 @model_app.command("fetch")
 def fetch_cmd(
-    name: str = typer.Argument(..., help="smollm2-135m, tiny-qwen2, a hub alias/id (needs internet), or a path."),
+    name: str = typer.Argument(
+        ..., help="smollm2-135m, tiny-qwen2, a hub alias/id (needs internet), or a path."
+    ),
     force: bool = typer.Option(False, "--force", help="Rebuild a local alias even if present."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:

@@ -8,12 +8,16 @@ from rich.table import Table
 from sr1.cli.common import JSON_HELP, out_console, print_json
 from sr1.tracking.store import Store
 
-runs_app = typer.Typer(help="Runs recorded in $SR1_HOME/sr1.duckdb (also in MLflow).", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="Runs recorded in $SR1_HOME/sr1.duckdb (also in MLflow).", no_args_is_help=True
+)
 
 
 @runs_app.command("list")
 def list_cmd(
-    kind: str = typer.Option(None, "--kind", help="Only runs of this kind (train, sft, eval, ...)."),
+    kind: str = typer.Option(
+        None, "--kind", help="Only runs of this kind (train, sft, eval, ...)."
+    ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """List runs, oldest first."""
@@ -25,7 +29,14 @@ def list_cmd(
     for c in ("run_id", "kind", "name", "status", "model", "started_at"):
         t.add_column(c)
     for r in runs:
-        t.add_row(r["run_id"], r["kind"], r["name"] or "", r["status"], r["model"] or "", str(r["started_at"])[:19])
+        t.add_row(
+            r["run_id"],
+            r["kind"],
+            r["name"] or "",
+            r["status"],
+            r["model"] or "",
+            str(r["started_at"])[:19],
+        )
     out_console.print(t)
 
 
@@ -54,12 +65,27 @@ def show_cmd(
     t = Table(title=f"run {run_id}", show_header=False)
     t.add_column("field")
     t.add_column("value")
-    for k in ("kind", "name", "status", "model", "parent_run", "mlflow_run_id", "started_at", "ended_at", "steps"):
+    for k in (
+        "kind",
+        "name",
+        "status",
+        "model",
+        "parent_run",
+        "mlflow_run_id",
+        "started_at",
+        "ended_at",
+        "steps",
+    ):
         t.add_row(k, str(doc.get(k)))
     for k, v in sorted(last.items()):
         t.add_row(f"metric {k}", f"{v:.4g}")
     for s in doc["eval_summaries"]:
-        t.add_row(f"eval {s['dataset']}", ", ".join(f"{k}={v:.3f}" for k, v in s["metrics"].items() if isinstance(v, int | float)))
+        t.add_row(
+            f"eval {s['dataset']}",
+            ", ".join(
+                f"{k}={v:.3f}" for k, v in s["metrics"].items() if isinstance(v, int | float)
+            ),
+        )
     for a in doc["artifacts"]:
         t.add_row("artifact", a["path"])
     out_console.print(t)

@@ -15,7 +15,9 @@ from sr1 import paths
 
 
 def tracking_uri(override: str | None = None) -> str:
-    return override or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db_path()}"
+    return (
+        override or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db_path()}"
+    )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -33,8 +35,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class MlflowLogger:
     """One MLflow run. All calls are best-effort safe to repeat; values are stringified for params."""
 
-    def __init__(self, experiment: str, uri: str | None = None, run_id: str | None = None,
-                 run_name: str | None = None, tags: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        experiment: str,
+        uri: str | None = None,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient

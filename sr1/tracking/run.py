@@ -77,14 +77,35 @@ def start_run(
         existing = store.get_run(resume)
         ml = None
         if use_mlflow:
-            ml = MlflowLogger(experiment, mlflow_uri, run_id=existing["mlflow_run_id"]) if existing["mlflow_run_id"] else None
+            ml = (
+                MlflowLogger(experiment, mlflow_uri, run_id=existing["mlflow_run_id"])
+                if existing["mlflow_run_id"]
+                else None
+            )
         store.set_status(resume, "running", ended=False)
         ctx = RunContext(resume, store, ml)
     else:
         rid = run_id or new_run_id(kind)
-        ml = MlflowLogger(experiment, mlflow_uri, run_name=name or rid, tags={"sr1.run_id": rid, "sr1.kind": kind}) if use_mlflow else None
-        store.create_run(rid, kind, name=name, config=config, params=params, model=model,
-                         parent_run=parent_run, mlflow_run_id=ml.run_id if ml else None)
+        ml = (
+            MlflowLogger(
+                experiment,
+                mlflow_uri,
+                run_name=name or rid,
+                tags={"sr1.run_id": rid, "sr1.kind": kind},
+            )
+            if use_mlflow
+            else None
+        )
+        store.create_run(
+            rid,
+            kind,
+            name=name,
+            config=config,
+            params=params,
+            model=model,
+            parent_run=parent_run,
+            mlflow_run_id=ml.run_id if ml else None,
+        )
         ctx = RunContext(rid, store, ml)
         if config is not None:
             cfg_path = ctx.dir / "config.yaml"

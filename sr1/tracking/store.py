@@ -11,7 +11,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from sr1.tracking.migrations import MIGRATIONS
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _dumps(obj: Any) -> str:
@@ -50,7 +50,9 @@ class Store:
                 last = e
                 time.sleep(0.1 * min(attempt + 1, 10))
         else:
-            raise Sr1Error(f"cannot open {self.path}: {last}", hint="is another sr1 process holding it?")
+            raise Sr1Error(
+                f"cannot open {self.path}: {last}", hint="is another sr1 process holding it?"
+            )
         try:
             yield con
         finally:
@@ -81,7 +83,10 @@ class Store:
 
     def applied_migrations(self) -> list[str]:
         with self.connect() as con:
-            return [r[0] for r in con.execute("SELECT name FROM schema_migrations ORDER BY name").fetchall()]
+            return [
+                r[0]
+                for r in con.execute("SELECT name FROM schema_migrations ORDER BY name").fetchall()
+            ]
 
     # -- runs ---------------------------------------------------------------------------------
     def create_run(
@@ -99,7 +104,17 @@ class Store:
             con.execute(
                 "INSERT INTO runs (run_id, kind, name, status, model, parent_run, mlflow_run_id, config_json,"
                 " params_json, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
-                [run_id, kind, name, model, parent_run, mlflow_run_id, _dumps(config or {}), _dumps(params or {}), _now()],
+                [
+                    run_id,
+                    kind,
+                    name,
+                    model,
+                    parent_run,
+                    mlflow_run_id,
+                    _dumps(config or {}),
+                    _dumps(params or {}),
+                    _now(),
+                ],
             )
 
     def set_status(self, run_id: str, status: str, ended: bool = True) -> None:
@@ -113,7 +128,9 @@ class Store:
         run = self.get_run(run_id)
         merged = {**run["params"], **params}
         with self.connect() as con:
-            con.execute("UPDATE runs SET params_json = ? WHERE run_id = ?", [_dumps(merged), run_id])
+            con.execute(
+                "UPDATE runs SET params_json = ? WHERE run_id = ?", [_dumps(merged), run_id]
+            )
 
     def _run_row(self, row: tuple, cols: list[str]) -> dict[str, Any]:
         d = dict(zip(cols, row, strict=True))
@@ -134,20 +151,34 @@ class Store:
             cols = [c[0] for c in cur.description]
             row = cur.fetchone()
             if row is None:
-                known = [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 10").fetchall()]
+                known = [
+                    r[0]
+                    for r in con.execute(
+                        "SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 10"
+                    ).fetchall()
+                ]
                 raise NotFoundError(
                     f"unknown run id {run_id!r}",
-                    hint=("recent runs: " + ", ".join(known)) if known else "no runs recorded yet in this SR1_HOME",
+                    hint=("recent runs: " + ", ".join(known))
+                    if known
+                    else "no runs recorded yet in this SR1_HOME",
                 )
             return self._run_row(row, cols)
 
     def find_runs(self, prefix: str) -> list[str]:
         with self.connect() as con:
-            return [r[0] for r in con.execute("SELECT run_id FROM runs WHERE run_id LIKE ?", [prefix + "%"]).fetchall()]
+            return [
+                r[0]
+                for r in con.execute(
+                    "SELECT run_id FROM runs WHERE run_id LIKE ?", [prefix + "%"]
+                ).fetchall()
+            ]
 
     # -- step metrics -------------------------------------------------------------------------
     def log_step_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
-        rows = [(run_id, int(step), k, float(v), _now()) for k, v in metrics.items() if v is not None]
+        rows = [
+            (run_id, int(step), k, float(v), _now()) for k, v in metrics.items() if v is not None
+        ]
         if not rows:
             return
         with self.connect() as con:
@@ -156,15 +187,29 @@ class Store:
     def step_metrics(self, run_id: str) -> list[dict[str, Any]]:
         with self.connect() as con:
             rows = con.execute(
-                "SELECT step, key, value FROM step_metrics WHERE run_id = ? ORDER BY step, key", [run_id]
+                "SELECT step, key, value FROM step_metrics WHERE run_id = ? ORDER BY step, key",
+                [run_id],
             ).fetchall()
         return [{"step": s, "key": k, "value": v} for s, k, v in rows]
 
     # -- eval ---------------------------------------------------------------------------------
-    _EVAL_COLS = (
-        "run_id dataset example_id question golden_answers prediction em cover_em f1 answer_in_docs "
-        "well_formed num_searches response_tokens response extra_json"
-    ).split()
+    _EVAL_COLS = [
+        "run_id",
+        "dataset",
+        "example_id",
+        "question",
+        "golden_answers",
+        "prediction",
+        "em",
+        "cover_em",
+        "f1",
+        "answer_in_docs",
+        "well_formed",
+        "num_searches",
+        "response_tokens",
+        "response",
+        "extra_json",
+    ]
 
     def add_eval_results(self, run_id: str, rows: Sequence[dict[str, Any]]) -> None:
         """Insert per-example results; re-inserting an example replaces it (resume never duplicates)."""
@@ -194,17 +239,21 @@ class Store:
             )
         with self.connect() as con:
             con.executemany(
-                f"INSERT OR REPLACE INTO eval_results VALUES ({', '.join('?' * len(self._EVAL_COLS))})", vals
+                f"INSERT OR REPLACE INTO eval_results VALUES ({', '.join('?' * len(self._EVAL_COLS))})",
+                vals,
             )
 
     def done_example_ids(self, run_id: str, dataset: str) -> set[str]:
         with self.connect() as con:
             rows = con.execute(
-                "SELECT example_id FROM eval_results WHERE run_id = ? AND dataset = ?", [run_id, dataset]
+                "SELECT example_id FROM eval_results WHERE run_id = ? AND dataset = ?",
+                [run_id, dataset],
             ).fetchall()
         return {r[0] for r in rows}
 
-    def eval_results(self, run_ids: Sequence[str] | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
+    def eval_results(
+        self, run_ids: Sequence[str] | None = None, dataset: str | None = None
+    ) -> list[dict[str, Any]]:
         q = "SELECT * FROM eval_results WHERE 1=1"
         args: list[Any] = []
         if run_ids:
@@ -260,9 +309,13 @@ class Store:
     # -- artifacts ----------------------------------------------------------------------------
     def add_artifact(self, run_id: str, path: str, kind: str | None = None) -> None:
         with self.connect() as con:
-            con.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)", [run_id, path, kind, _now()])
+            con.execute(
+                "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)", [run_id, path, kind, _now()]
+            )
 
     def artifacts(self, run_id: str) -> list[dict[str, Any]]:
         with self.connect() as con:
-            rows = con.execute("SELECT path, kind FROM artifacts WHERE run_id = ? ORDER BY path", [run_id]).fetchall()
+            rows = con.execute(
+                "SELECT path, kind FROM artifacts WHERE run_id = ? ORDER BY path", [run_id]
+            ).fetchall()
         return [{"path": p, "kind": k} for p, k in rows]
