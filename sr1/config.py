@@ -76,7 +76,8 @@ class RetrievalConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     engine: str = opt("hf", "Generation engine: hf (transformers generate) or vllm.")
-    max_turns: int = opt(2, "Maximum search calls per trajectory; then an answer is forced.")
+    max_turns: int = opt(2, "Maximum search calls per trajectory; then a final turn whose searches are not executed.")
+    topk: int = opt(3, "Passages inserted per search call (k=3 in the paper).")
     max_response_length: int = opt(128, "Max tokens the policy generates per turn.")
     max_total_response_length: int = opt(
         768, "Max tokens of the whole response (generated + inserted)."

@@ -31,7 +31,9 @@ class Trajectory:
     retrieved_ids: list[list[str]] = field(default_factory=list)
     answer: str | None = None
     reward: float = 0.0
-    metrics: dict[str, Any] = field(default_factory=dict)  # em, f1, cover_em, well_formed, answer_in_docs
+    metrics: dict[str, Any] = field(
+        default_factory=dict
+    )  # em, f1, cover_em, well_formed, answer_in_docs
     finish_reason: str = ""  # answer | eos | max_turns | length | context
     gen_time_s: float = 0.0
     retrieval_time_s: float = 0.0
