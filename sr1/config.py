@@ -50,7 +50,15 @@ class DataConfig:
         None, "Directory of FlashRAG-format <dataset>/<split>.jsonl files."
     )
     template: str = opt(
-        "base", "Prompt template: base (raw Search-R1 prompt) or instruct (chat template)."
+        "base",
+        "Prompt template: base (raw Search-R1 prompt), instruct (chat template) or auto "
+        "(chat template when the tokenizer has one, as Search-R1's trainer does).",
+    )
+    search_prompt: str = opt(
+        "search",
+        "Prompt of the search method in sft, train, rollout and eval: search (the paper's, "
+        "verbatim) or search_short (same tags and rules in under half the tokens; the CPU "
+        "quickstart's choice). Recorded with every run.",
     )
     max_train_examples: int | None = opt(None, "Cap on training examples (None = all).")
     seed: int = opt(0, "Seed for shuffling and sampling data.")
@@ -70,13 +78,51 @@ class RetrievalConfig:
     )
     faiss_index: str = opt("flat", "faiss index type for dense retrieval: flat or hnsw.")
     encode_batch_size: int = opt(256, "Batch size for dense passage encoding.")
-    bm25_backend: str = opt("numba", "bm25s backend: numba (fast, JIT) or numpy.")
+    encode_max_length: int = opt(
+        256, "Dense encoder token limit per passage/query (longer ones are cut)."
+    )
+    bm25_backend: str = opt(
+        "auto",
+        "bm25s backend: numba (about 50x faster per query, but a ~6 s JIT compile per process), "
+        "numpy, or auto (numba from bm25_numba_min_passages passages up).",
+    )
+    bm25_numba_min_passages: int = opt(
+        100_000, "With bm25_backend=auto, indices this large use numba; smaller ones numpy."
+    )
+    bm25_k1: float = opt(1.5, "BM25 k1 (term-frequency saturation).")
+    bm25_b: float = opt(0.75, "BM25 b (document-length normalisation).")
+    bm25_threads: int = opt(1, "Threads for one BM25 batch search (numba backend; -1 = all cores).")
+    hnsw_m: int = opt(32, "HNSW graph degree (faiss_index=hnsw).")
+    hnsw_ef_construction: int = opt(200, "HNSW efConstruction (build-time beam width).")
+    hnsw_ef_search: int = opt(128, "HNSW efSearch (query-time beam width).")
+    build_chunk: int = opt(
+        8192, "Passages per build chunk (dense: embeddings saved per chunk, so a crash resumes)."
+    )
+    skip_bad_lines: bool = opt(False, "Skip malformed corpus lines instead of stopping.")
+    server_max_batch: int = opt(512, "Most queries one /retrieve request may carry.")
+    server_max_topk: int = opt(100, "Largest topk a /retrieve request may ask for.")
+    server_cache_size: int = opt(10000, "Entries in the server's (query, k) LRU result cache.")
+    server_batch_wait_ms: float = opt(
+        0.0,
+        "Extra wait to gather concurrent requests into one search (0: batch whatever queued "
+        "while the previous search ran).",
+    )
+    remote_timeout_s: float = opt(60.0, "HTTP timeout for a remote /retrieve server.")
+    wiki18_corpus: str | None = opt(
+        None,
+        "Local wiki-18 file (wiki-18.jsonl[.gz] or DPR psgs_w100.tsv[.gz]); else SR1_WIKI18, "
+        "else the one remembered from `sr1 index build wiki18 --corpus-file PATH`.",
+    )
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
     engine: str = opt("hf", "Generation engine: hf (transformers generate) or vllm.")
-    max_turns: int = opt(2, "Maximum search calls per trajectory; then a final turn whose searches are not executed.")
+    max_turns: int = opt(
+        2,
+        "Turns that may search (at most this many searches); then one final turn whose search "
+        "is not executed (then force_answer). 0 = single turn, no search.",
+    )
     topk: int = opt(3, "Passages inserted per search call (k=3 in the paper).")
     max_response_length: int = opt(128, "Max tokens the policy generates per turn.")
     max_total_response_length: int = opt(
@@ -93,6 +139,15 @@ class RolloutConfig:
     vllm_gpu_memory_utilization: float = opt(0.5, "vLLM GPU memory fraction (GPU only).")
     vllm_kv_cache_gib: int = opt(2, "vLLM CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
     seed: int = opt(0, "Sampling seed.")
+    force_answer: bool = opt(
+        True,
+        "When the turns are used up without an answer, append force_answer_text (mask 0) and "
+        "let the model write the answer (False: stop there, as Search-R1's final turn does).",
+    )
+    force_answer_text: str = opt(
+        "\nI have used all my searches, so I must give the final answer now.\n<answer>",
+        "Inserted (mask 0) to force an answer; ends with the opening <answer> tag.",
+    )
 
 
 @dataclass(frozen=True)
@@ -119,6 +174,19 @@ class AlgorithmConfig:
     reward: str = opt("em", "Reward: em, f1 or format (EM with format shaping).")
     use_mask: bool = opt(
         True, "Mask retrieved tokens out of the loss (the paper's point; off only for ablation)."
+    )
+    adv_estimator: str | None = opt(
+        None,
+        "Advantage estimator (gae, grpo, rloo, reinforce_pp, reinforce_pp_baseline); "
+        "None = the algorithm's own (ppo: gae, grpo: grpo, rloo: rloo, reinforce_pp: reinforce_pp).",
+    )
+    policy_loss: str = opt("vanilla", "Policy loss: vanilla (PPO clip) or gspo (sequence ratio).")
+    format_score: float = opt(
+        0.2, "Format reward: well-formed but wrong (and subtracted from correct but malformed)."
+    )
+    final_format_score: float = opt(0.1, "Format reward: an answer, wrong and malformed.")
+    retrieval_score: float = opt(
+        0.0, "Format reward: extra credit when well-formed, wrong, and a gold answer was retrieved."
     )
 
 
@@ -153,6 +221,11 @@ class EvalConfig:
     temperature: float = opt(0.0, "0 = greedy decoding (the paper's validation setting).")
     max_new_tokens: int = opt(128, "Generation budget per turn.")
     seed: int = opt(0, "Seed for sampling and bootstrap.")
+    answer_fallback: str = opt(
+        "none",
+        "A response without <answer> tags: none (no answer, as Search-R1 scores) or response "
+        "(score its first line, as FlashRAG scores untagged baselines).",
+    )
 
 
 @dataclass(frozen=True)

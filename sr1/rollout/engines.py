@@ -10,7 +10,10 @@ into the engine without a restart.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,22 +35,37 @@ class GenOutput:
 
 
 class Engine(Protocol):
+    """What the rollout loop, trainer and eval call. Build one with :func:`make_engine`."""
+
     tokenizer: Any
 
     def generate(
         self,
         prompts: list[list[int]],
-        max_new_tokens: int,
+        max_new_tokens: int | list[int],
         stop: list[str],
         temperature: float,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> list[GenOutput]: ...
+    ) -> list[GenOutput]:
+        """Continue each token-id prompt; one :class:`GenOutput` per prompt, in order.
 
-    def update_weights(self, model: torch.nn.Module) -> None: ...
+        ``max_new_tokens`` is one budget or one per prompt. A row ends at EOS (kept, reason
+        ``eos``), at the token that completes one of ``stop`` (kept whole, reason ``stop``,
+        ``stop_str`` set), or at its budget (``length``). ``temperature`` 0 is greedy; else
+        temperature + top-p sampling. ``logprobs`` are the sampled tokens' log-probs under the
+        raw distribution (temperature 1, no top-p): what the trainer recomputes.
+        """
+        ...
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from ``model``'s current weights (after a policy update)."""
+        ...
 
     @property
-    def max_context(self) -> int: ...
+    def max_context(self) -> int:
+        """Most tokens (prompt + response) one sequence may hold."""
+        ...
 
 
 ENGINES: Registry[Any] = Registry("rollout engine")
@@ -100,13 +118,21 @@ def find_stop(
     return None
 
 
+def context_limit(model_max_positions: int, cfg: RolloutConfig) -> int:
+    """Tokens a trajectory may hold (prompt + response): the model's limit, or less when the
+    config never needs more (a smaller vLLM KV cache). Both engines use this, so a trajectory
+    hits the context limit at the same point whichever engine runs it."""
+    return min(int(model_max_positions), cfg.max_prompt_length + cfg.max_total_response_length)
+
+
 @ENGINES.register("hf")
 class HFEngine:
     """Batched sampling with a KV cache over a transformers causal LM (left-padded batches).
 
     A hand-written decode loop (rather than ``generate``) gives per-row stop-string detection,
     exact raw log-probs of sampled tokens, and no padding ambiguity: a row's output ends at
-    its own stop/eos, whatever token ids the tokenizer uses for padding.
+    its own stop/eos, whatever token ids the tokenizer uses for padding. Finished rows are
+    dropped from the batch (and the KV cache) as they finish.
     """
 
     def __init__(
@@ -121,14 +147,17 @@ class HFEngine:
 
         if isinstance(model, str):
             model = models.load_model(model, dtype=dtype, device=device)
-        self.model = model
+        self.model = getattr(model, "module", model)  # DDP/accelerate wrappers: the bare model
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.eos_ids = _eos_ids(tokenizer, model)
+        self.eos_ids = _eos_ids(tokenizer, self.model)
         self.pad_id = (
             tokenizer.pad_token_id
             if tokenizer.pad_token_id is not None
             else next(iter(self.eos_ids))
+        )
+        self._max_context = context_limit(
+            getattr(self.model.config, "max_position_embeddings", 4096), cfg
         )
 
     @property
@@ -137,20 +166,20 @@ class HFEngine:
 
     @property
     def max_context(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 4096))
+        return self._max_context
 
     def update_weights(self, model: torch.nn.Module) -> None:
-        """Use the trainer's new weights (same module: nothing to copy)."""
-        if model is self.model:
-            return
+        """Use the trainer's new weights (the same module: nothing to copy; else copy them)."""
         src = getattr(model, "module", model)
+        if src is self.model:
+            return
         self.model.load_state_dict(src.state_dict())
 
     @torch.no_grad()
     def generate(
         self,
         prompts: list[list[int]],
-        max_new_tokens: int,
+        max_new_tokens: int | list[int],
         stop: list[str],
         temperature: float,
         top_p: float = 1.0,
@@ -160,70 +189,134 @@ class HFEngine:
             return []
         was_training = self.model.training
         self.model.eval()
+        try:
+            return self._generate(prompts, max_new_tokens, stop, temperature, top_p, seed)
+        finally:
+            if was_training:
+                self.model.train()
+
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int | list[int],
+        stop: list[str],
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> list[GenOutput]:
         dev = self.device
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed if seed is not None else torch.seed() % (2**31))
-        B = len(prompts)
-        L = max(len(p) for p in prompts)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding
+        # no seed: fresh entropy, without reseeding torch's global generator (the trainer's)
+        gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+        B, L = len(prompts), max(len(p) for p in prompts)
+        limits = _per_prompt(max_new_tokens, B)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # (B, L), left padded
+        attn = torch.zeros((B, L), dtype=torch.long)  # (B, L)
+        for i, p in enumerate(prompts):
             ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[i, L - len(p) :] = 1
         ids, attn = ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, L): real positions despite padding
         outs = [GenOutput([], [], "length") for _ in range(B)]
-        done = [False] * B
+        rows = list(range(B))  # batch slot -> prompt index; shrinks as rows finish
         past = None
         step_ids, step_pos = ids, pos
-        for _ in range(max_new_tokens):
+        for _ in range(max(limits)):
             out = self.model(
                 input_ids=step_ids,
                 attention_mask=attn,
                 position_ids=step_pos,
                 past_key_values=past,
                 use_cache=True,
+                logits_to_keep=1,
             )
             past = out.past_key_values
-            logits = out.logits[:, -1, :].float()  # (B, V)
-            logp = torch.log_softmax(logits, dim=-1)  # raw distribution, T=1
-            if temperature <= 0:
-                nxt = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                if top_p < 1.0:
-                    sp, si = probs.sort(dim=-1, descending=True)
-                    keep = sp.cumsum(-1) - sp < top_p
-                    sp = sp * keep
-                    probs = torch.zeros_like(probs).scatter(-1, si, sp)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(dev)
-            tok_lp = logp.gather(-1, nxt[:, None]).squeeze(-1)  # (B,)
-            for i in range(B):
-                if done[i]:
-                    continue
-                t = int(nxt[i])
-                o = outs[i]
+            logits = out.logits[:, -1, :].float()  # (b, V)
+            nxt = _sample(logits, temperature, top_p, gen)  # (b,)
+            tok_lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)  # (b,)
+            keep: list[int] = []
+            for slot, i in enumerate(rows):
+                t, o = int(nxt[slot]), outs[i]
                 o.token_ids.append(t)
-                o.logprobs.append(float(tok_lp[i]))
+                o.logprobs.append(float(tok_lp[slot]))
                 if t in self.eos_ids:
-                    o.finish_reason, done[i] = "eos", True
-                    continue
-                s = find_stop(self.tokenizer, o.token_ids, stop)
-                if s is not None:
-                    o.finish_reason, o.stop_str, done[i] = "stop", s, True
-            if all(done):
+                    o.finish_reason = "eos"
+                elif (s := find_stop(self.tokenizer, o.token_ids, stop)) is not None:
+                    o.finish_reason, o.stop_str = "stop", s
+                elif len(o.token_ids) < limits[i]:
+                    keep.append(slot)
+            if not keep:
                 break
-            step_ids = nxt[:, None]
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
-            step_pos = step_pos[:, -1:] + 1
-        if was_training:
-            self.model.train()
+            step_ids = nxt[:, None]  # (b, 1)
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)  # (b, T+1)
+            step_pos = step_pos[:, -1:] + 1  # (b, 1)
+            if len(keep) < len(rows):  # drop finished rows from the batch and the KV cache
+                idx = torch.tensor(keep, device=dev)
+                past.batch_select_indices(idx)
+                step_ids, attn, step_pos = step_ids[idx], attn[idx], step_pos[idx]
+                rows = [rows[s] for s in keep]
         return outs
+
+
+def _per_prompt(max_new_tokens: int | list[int], n: int) -> list[int]:
+    if isinstance(max_new_tokens, int):
+        return [max_new_tokens] * n
+    if len(max_new_tokens) != n:
+        raise ValueError(f"{len(max_new_tokens)} token budgets for {n} prompts")
+    return [int(m) for m in max_new_tokens]
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Next tokens (b,) from logits (b, V): greedy at temperature 0, else temperature + top-p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (b, V)
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True)
+        sp = sp * (sp.cumsum(-1) - sp < top_p)  # keep the smallest set with mass >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+
+
+def _max_positions(path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 4096))
 
 
 def _vllm_env(cfg: RolloutConfig) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: weight sync
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm_kv_cache_gib))
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for --json
+
+
+@contextlib.contextmanager
+def _hide_unscannable_module_attrs() -> Iterator[None]:
+    """vLLM's start-up scans every loaded module's globals for kernels to override and calls
+    ``vars(value).get("kernel")`` on each; llvmlite's ``ffi.lib`` (loaded by numba, which bm25s
+    uses) answers ``vars`` with an object that has no ``get`` and crashes that scan. Hide just
+    such values while vLLM starts (classes and modules, whose ``vars`` is a mapping, stay)."""
+    hidden: dict[tuple[int, str], tuple[dict[str, Any], str, Any]] = {}
+    for mod in list(sys.modules.values()):
+        ns = getattr(mod, "__dict__", None)
+        if not isinstance(ns, dict):
+            continue
+        for k, v in list(ns.items()):
+            try:
+                bad = hasattr(v, "__dict__") and not hasattr(vars(v), "get")
+            except Exception:  # noqa: BLE001 - vars() on odd objects may raise anything
+                bad = False
+            if bad:
+                hidden[(id(ns), k)] = (ns, k, v)
+    for ns, k, _ in hidden.values():
+        ns.pop(k, None)
+    try:
+        yield
+    finally:
+        for ns, k, v in hidden.values():
+            ns[k] = v
 
 
 @ENGINES.register("vllm")
@@ -266,11 +359,14 @@ class VLLMEngine:
             ],
             seed=cfg.seed,
             enforce_eager=dev == "cpu",
-            max_model_len=min(4096, int(getattr(tokenizer, "model_max_length", 4096) or 4096)),
+            max_model_len=context_limit(_max_positions(path), cfg),
+            # sampled-token log-probs from the raw distribution (T=1, before top-p), as HF's
+            logprobs_mode="raw_logprobs",
         )
         if dev != "cpu":
             kwargs["gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
-        self.llm = LLM(**kwargs)
+        with _hide_unscannable_module_attrs():
+            self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer
         self.cfg = cfg
         self._max_context = kwargs["max_model_len"]
@@ -284,7 +380,7 @@ class VLLMEngine:
     def generate(
         self,
         prompts: list[list[int]],
-        max_new_tokens: int,
+        max_new_tokens: int | list[int],
         stop: list[str],
         temperature: float,
         top_p: float = 1.0,
@@ -295,18 +391,23 @@ class VLLMEngine:
 
         if not prompts:
             return []
-        sp = SamplingParams(
-            max_tokens=max_new_tokens,
-            temperature=max(temperature, 0.0),
-            top_p=top_p if temperature > 0 else 1.0,
-            stop=stop or None,
-            include_stop_str_in_output=True,
-            logprobs=0,
-            seed=seed,
-            skip_special_tokens=False,
-        )
+        params = [
+            SamplingParams(
+                max_tokens=m,
+                temperature=max(temperature, 0.0),
+                top_p=top_p if temperature > 0 else 1.0,
+                stop=stop or None,
+                include_stop_str_in_output=True,  # the completing token is kept whole anyway
+                logprobs=0,  # the sampled token's own log-prob
+                # one seed per request: copies of a prompt (a GRPO group) must differ
+                seed=None if seed is None else seed + i,
+                skip_special_tokens=False,
+                spaces_between_special_tokens=False,  # stop strings see HF's decode
+            )
+            for i, m in enumerate(_per_prompt(max_new_tokens, len(prompts)))
+        ]
         res = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
         outs = []
         for r in res:
@@ -326,20 +427,44 @@ class VLLMEngine:
             outs.append(GenOutput(toks, lps, fr, s))
         return outs
 
-    def _worker_model(self) -> torch.nn.Module:
+    def _model_runner(self) -> Any:
         core = self.llm.llm_engine.engine_core
         core = getattr(core, "engine_core", core)
-        executor = core.model_executor
+        executor = getattr(core, "model_executor", None)
+        if executor is None:
+            raise Sr1Error(
+                "vLLM weight sync needs the engine in-process",
+                hint="set VLLM_ENABLE_V1_MULTIPROCESSING=0 before creating the engine",
+            )
         worker = getattr(executor, "driver_worker", None)
         worker = getattr(worker, "worker", worker)
-        return worker.model_runner.model
+        return worker.model_runner
+
+    def _worker_model(self) -> torch.nn.Module:
+        return self._model_runner().model
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Push the trainer's weights into vLLM (in-process) and drop cached prefixes."""
         src = getattr(model, "module", model)
         if hasattr(src, "merge_and_unload"):
             raise Sr1Error("pass a merged model (LoRA merged) to update_weights")
-        target = self._worker_model()
-        weights = ((n, p.detach().to("cpu")) for n, p in src.state_dict().items())
-        target.load_weights(weights)
+        # reload_weights re-runs vLLM's post-load processing (fused qkv/gate_up, CPU repacking),
+        # which a plain load_weights on the live model skips. Tied weights appear once here
+        # (named_parameters de-duplicates), which is what vLLM's tied lm_head expects.
+        # Streamed one tensor at a time, each a copy, so the engine never aliases the trainer's
+        # parameters (the next optimiser step must not leak into rollouts unsynced).
+        weights = ((n, p.detach().clone()) for n, p in src.named_parameters())
+        runner = self._model_runner()
+        runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        self._refresh_tied_head(runner.model)
         self.llm.reset_prefix_cache()
+
+    @staticmethod
+    def _refresh_tied_head(model: torch.nn.Module) -> None:
+        """A tied lm_head is not in the weights iterator, so vLLM skips its post-load step; on CPU
+        that step builds the packed GEMM the head computes with, which would keep the *old*
+        embedding. Re-run it so logits use the new weights (no-op where nothing was packed)."""
+        head = getattr(model, "lm_head", None)
+        qm = getattr(head, "quant_method", None)
+        if head is not None and qm is not None and hasattr(qm, "process_weights_after_loading"):
+            qm.process_weights_after_loading(head)

@@ -34,7 +34,10 @@ class Trajectory:
     metrics: dict[str, Any] = field(
         default_factory=dict
     )  # em, f1, cover_em, well_formed, answer_in_docs
-    finish_reason: str = ""  # answer | eos | max_turns | length | context
+    finish_reason: str = ""  # answer | eos | forced | max_turns | length | context
+    # [kind, start, end) spans of response_ids in order; kind: gen (sampled, mask 1), obs
+    # (information block), notice (invalid-action notice), force (forced-answer suffix)
+    segments: list[tuple[str, int, int]] = field(default_factory=list)
     gen_time_s: float = 0.0
     retrieval_time_s: float = 0.0
     group: int = 0  # index of the prompt within the batch (GRPO/RLOO groups)

@@ -65,7 +65,8 @@ class BM25Retriever:
 
 class ScriptedEngine:
     """Fake engine: the trajectory whose prompt is ``prompts[i]`` gets ``scripts[i][turn]`` on its
-    turn-th generate call (the last entry repeats). See the module docstring for why it exists."""
+    turn-th generate call (the last entry repeats). See the module docstring for why it exists.
+    Every call's (contexts, budgets, stop strings) is recorded in ``calls``."""
 
     def __init__(
         self,
@@ -79,6 +80,8 @@ class ScriptedEngine:
         self.scripts = scripts
         self.turns: dict[int, int] = {}
         self.max_context = max_context
+        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.calls: list[tuple[list[list[int]], list[int], list[str]]] = []
 
     def update_weights(self, model: Any) -> None:
         pass
@@ -86,13 +89,17 @@ class ScriptedEngine:
     def generate(
         self,
         prompts: list[list[int]],
-        max_new_tokens: int,
+        max_new_tokens: int | list[int],
         stop: list[str],
         temperature: float,
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> list[GenOutput]:
-        return [self._one(p, max_new_tokens, stop) for p in prompts]
+        budgets = (
+            [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+        )
+        self.calls.append(([list(p) for p in prompts], list(budgets), list(stop)))
+        return [self._one(p, b, stop) for p, b in zip(prompts, budgets, strict=True)]
 
     def _one(self, context: list[int], max_new_tokens: int, stop: list[str]) -> GenOutput:
         sid = next(i for i, p in enumerate(self.prompts) if context[: len(p)] == p)
@@ -103,11 +110,11 @@ class ScriptedEngine:
             "input_ids"
         ]
         out: list[int] = []
-        for t in ids:
+        for t in ids[:max_new_tokens]:
             out.append(t)
+            if t == self.eos_id:
+                return GenOutput(out, [-0.5] * len(out), "eos", None)
             s = find_stop(self.tokenizer, out, stop)
             if s is not None:
                 return GenOutput(out, [-0.5] * len(out), "stop", s)
-            if len(out) >= max_new_tokens:
-                break
         return GenOutput(out, [-0.5] * len(out), "length", None)

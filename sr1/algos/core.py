@@ -1,0 +1,559 @@
+"""Pure RL math: masked statistics, advantage estimators, policy/value/KL losses, entropy.
+
+Every function takes the loss mask as a required argument. Shapes: ``B`` trajectories,
+``R`` padded response length, ``V`` vocabulary. ``mask[b, t] == 1`` iff response token t of
+trajectory b was sampled by the policy; 0 for tokens the environment inserted
+(``<information>`` blocks, invalid-action notices) and for padding. Masks are 0/1 tensors.
+
+Multi-turn choices (deliberate; Search-R1's fork differs):
+
+- GAE and REINFORCE++ returns run over the *policy tokens only*: a mask-0 position is
+  skipped, so the value of the last token before an ``<information>`` block bootstraps from
+  the value at the first policy token after it, and the outcome reward at the end reaches
+  every earlier turn. Rewards placed on mask-0 positions are ignored; advantages and
+  returns there are exactly 0. (Search-R1 runs GAE over every response position, using
+  critic values at retrieved tokens; verl's REINFORCE++ resets the return at mask-0
+  positions, which would cut earlier turns off from the outcome reward.) The discount
+  ``gamma`` counts policy tokens only.
+- GRPO/RLOO advantages are exactly 0 for groups whose rewards are all equal and for
+  singleton groups (nothing to compare against).
+- Log-ratios are clamped to [-20, 20] before ``exp`` so no position can produce inf/NaN
+  gradients, which keeps the gradient at mask-0 positions exactly zero.
+
+Losses return ``(scalar, metrics)`` with namespaced float metrics (``actor/pg_clipfrac``).
+Aggregation over tokens/sequences lives in :func:`agg_loss` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from sr1.config import AlgorithmConfig
+from sr1.registry import Registry
+
+Tensor = torch.Tensor
+_LOG_RATIO_CLAMP = 20.0
+
+
+# -- masked statistics ---------------------------------------------------------------------------
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` where ``mask`` is 1. ``x``, ``mask``: same shape; ``dim`` None = all."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() if dim is None else (x * m).sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over mask-1 entries; 0 where the mask is all zero (never NaN)."""
+    m = mask.to(x.dtype)
+    count = m.sum() if dim is None else m.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1.0)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over all mask-1 entries (scalar)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(x.dtype).sum()
+        var = var * n / (n - 1).clamp(min=1.0)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``x`` (any shape) to zero mean, unit variance over mask-1 entries.
+
+    Mask-0 entries come back exactly 0. ``shift_mean=False`` keeps the original mean.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+# -- aggregation (the one place token-mean vs sequence-mean is decided) ---------------------------
+LOSS_AGG_MODES: Registry[Callable[[Tensor, Tensor, float | None], Tensor]] = Registry(
+    "loss aggregation mode"
+)
+
+
+@LOSS_AGG_MODES.register("token-mean")
+def _agg_token_mean(loss_mat: Tensor, mask: Tensor, denom: float | None) -> Tensor:
+    total = masked_sum(loss_mat, mask)
+    d = mask.to(loss_mat.dtype).sum().clamp(min=1.0) if denom is None else max(denom, 1.0)
+    return total / d
+
+
+def _seq_agg(per_seq: Tensor, mask: Tensor, denom: float | None) -> Tensor:
+    has = (mask.sum(-1) > 0).to(per_seq.dtype)  # (B,) sequences with any policy token
+    d = has.sum().clamp(min=1.0) if denom is None else max(denom, 1.0)
+    return (per_seq * has).sum() / d
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-sum")
+def _agg_seq_mean_token_sum(loss_mat: Tensor, mask: Tensor, denom: float | None) -> Tensor:
+    return _seq_agg(masked_sum(loss_mat, mask, -1), mask, denom)
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-mean")
+def _agg_seq_mean_token_mean(loss_mat: Tensor, mask: Tensor, denom: float | None) -> Tensor:
+    return _seq_agg(masked_mean(loss_mat, mask, -1), mask, denom)
+
+
+def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str, denom: float | None = None) -> Tensor:
+    """Reduce a per-token loss ``(B, R)`` to a scalar.
+
+    Modes: ``token-mean`` (Σ loss·mask / Σ mask; DAPO/GSPO style), ``seq-mean-token-sum``,
+    ``seq-mean-token-mean`` (sequences without policy tokens do not count). ``denom``
+    replaces the local normaliser (tokens for token-mean, sequences otherwise) with the
+    mini-batch total from :func:`agg_denominator`, so micro-batch losses *sum* to the
+    mini-batch loss under gradient accumulation.
+    """
+    return LOSS_AGG_MODES.get(mode)(loss_mat, mask, denom)
+
+
+def agg_denominator(mask: Tensor, mode: str) -> float:
+    """The normaliser :func:`agg_loss` would use for ``mask`` ``(B, R)`` under ``mode``."""
+    LOSS_AGG_MODES.get(mode)  # loud on unknown modes
+    if mode == "token-mean":
+        return float(mask.sum())
+    return float((mask.sum(-1) > 0).sum())
+
+
+# -- rewards on tokens -------------------------------------------------------------------------
+def place_outcome_reward(scores: Tensor, mask: Tensor) -> Tensor:
+    """Token-level rewards ``(B, R)`` with each outcome score ``(B,)`` on the trajectory's last
+    policy token (the last mask-1 position). Trajectories with no policy token get none."""
+    B, R = mask.shape
+    pos = torch.arange(R, device=mask.device).expand(B, R)
+    last = torch.where(mask.bool(), pos, -1).max(-1).values  # (B,)
+    out = torch.zeros(B, R, dtype=scores.dtype, device=scores.device)
+    has = last >= 0
+    out[has.nonzero().squeeze(-1), last[has]] = scores[has]
+    return out
+
+
+# -- advantage estimators ----------------------------------------------------------------------
+def compute_gae(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """GAE over policy tokens only. All inputs ``(B, R)``; returns ``(advantages, returns)``,
+    both ``(B, R)`` and exactly 0 at mask-0 positions (not whitened).
+
+    The recursion skips mask-0 positions: ``next_value`` and the running GAE are carried
+    across inserted tokens unchanged, and the value after the last policy token is 0.
+    """
+    B, R = mask.shape
+    m = mask.to(values.dtype)
+    adv = torch.zeros_like(values)
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
+    running = torch.zeros_like(next_value)
+    for t in reversed(range(R)):
+        mt = m[:, t]
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        gae = delta + gamma * lam * running
+        next_value = mt * values[:, t] + (1 - mt) * next_value
+        running = mt * gae + (1 - mt) * running
+        adv[:, t] = gae * mt
+    returns = (adv + values) * m
+    return adv, returns
+
+
+def _group_stats(scores: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-trajectory (group mean, unbiased group std, group size, group is constant), ``(B,)``."""
+    _, inv, counts = torch.unique(index, return_inverse=True, return_counts=True)
+    G = counts.numel()
+    s = scores.to(torch.float64)
+    sums = torch.zeros(G, dtype=s.dtype, device=s.device).index_add_(0, inv, s)
+    mean = sums / counts
+    sq = torch.zeros_like(sums).index_add_(0, inv, (s - mean[inv]) ** 2)
+    std = torch.sqrt(sq / (counts - 1).clamp(min=1))
+    gmax = torch.full_like(sums, -torch.inf).scatter_reduce(0, inv, s, "amax")
+    gmin = torch.full_like(sums, torch.inf).scatter_reduce(0, inv, s, "amin")
+    const = gmax == gmin
+    return mean[inv], std[inv], counts[inv].to(s.dtype), const[inv]
+
+
+def grpo_advantage(
+    scores: Tensor, index: Tensor, mask: Tensor, norm_by_std: bool = True, eps: float = 1e-6
+) -> Tensor:
+    """GRPO group-normalised outcome advantage ``(B, R)``: ``(r - mean_g) / (std_g + eps)``
+    (or ``r - mean_g`` without std scaling) broadcast over policy tokens.
+
+    ``scores`` ``(B,)`` outcome rewards; ``index`` ``(B,)`` group ids (same prompt = same id);
+    ``mask`` ``(B, R)``. Groups with all-equal rewards (and singletons) get exactly 0.
+    """
+    mean, std, _, const = _group_stats(scores, index)
+    a = scores.to(torch.float64) - mean
+    if norm_by_std:
+        a = a / (std + eps)
+    a = torch.where(const, torch.zeros_like(a), a).to(scores.dtype)  # (B,)
+    return a[:, None] * mask.to(scores.dtype)
+
+
+def rloo_advantage(scores: Tensor, index: Tensor, mask: Tensor) -> Tensor:
+    """RLOO: ``r_i - mean_{j != i in group} r_j`` broadcast over policy tokens, ``(B, R)``.
+
+    ``scores`` ``(B,)``, ``index`` ``(B,)`` group ids, ``mask`` ``(B, R)``. Singleton and
+    constant groups get exactly 0.
+    """
+    mean, _, n, const = _group_stats(scores, index)
+    s = scores.to(torch.float64)
+    baseline = (mean * n - s) / (n - 1).clamp(min=1)
+    a = torch.where(const | (n < 2), torch.zeros_like(s), s - baseline).to(scores.dtype)
+    return a[:, None] * mask.to(scores.dtype)
+
+
+def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Reward-to-go over policy tokens only, ``(B, R)``; mask-0 positions are skipped (their
+    rewards ignored, the running return carried across them) and come back 0."""
+    B, R = mask.shape
+    m = mask.to(token_rewards.dtype)
+    out = torch.zeros_like(token_rewards)
+    running = torch.zeros(B, dtype=token_rewards.dtype, device=token_rewards.device)
+    for t in reversed(range(R)):
+        mt = m[:, t]
+        running = mt * (token_rewards[:, t] + gamma * running) + (1 - mt) * running
+        out[:, t] = running * mt
+    return out
+
+
+def reinforce_pp_advantage(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """REINFORCE++: discounted returns over policy tokens, whitened over the whole batch.
+
+    ``token_rewards`` ``(B, R)`` (outcome on the last policy token, optionally minus a
+    per-token KL penalty), ``mask`` ``(B, R)``. Returns advantages ``(B, R)``.
+    """
+    return masked_whiten(discounted_returns(token_rewards, mask, gamma), mask)
+
+
+def reinforce_pp_baseline_advantage(scores: Tensor, index: Tensor, mask: Tensor) -> Tensor:
+    """REINFORCE++ with a group-mean baseline: ``r - mean_g`` broadcast over policy tokens,
+    then whitened over the batch. ``scores`` ``(B,)``, ``index`` ``(B,)``, ``mask`` ``(B, R)``."""
+    a = grpo_advantage(scores, index, mask, norm_by_std=False)
+    return masked_whiten(a, mask)
+
+
+AdvEstimator = Callable[..., tuple[Tensor, Tensor]]
+ADV_ESTIMATORS: Registry[AdvEstimator] = Registry("advantage estimator")
+
+
+def _require(x: Tensor | None, what: str, name: str) -> Tensor:
+    if x is None:
+        raise ValueError(f"advantage estimator {name!r} needs {what}")
+    return x
+
+
+@ADV_ESTIMATORS.register("gae")
+def _est_gae(
+    token_rewards: Tensor,
+    mask: Tensor,
+    *,
+    index: Tensor | None,
+    values: Tensor | None,
+    cfg: AlgorithmConfig,
+) -> tuple[Tensor, Tensor]:
+    adv, ret = compute_gae(
+        token_rewards, _require(values, "values (a critic)", "gae"), mask, cfg.gamma, cfg.lam
+    )
+    return masked_whiten(adv, mask), ret
+
+
+@ADV_ESTIMATORS.register("grpo")
+def _est_grpo(
+    token_rewards: Tensor,
+    mask: Tensor,
+    *,
+    index: Tensor | None,
+    values: Tensor | None,
+    cfg: AlgorithmConfig,
+) -> tuple[Tensor, Tensor]:
+    scores = masked_sum(token_rewards, mask, -1)
+    adv = grpo_advantage(scores, _require(index, "group index", "grpo"), mask, cfg.norm_adv_by_std)
+    return adv, adv
+
+
+@ADV_ESTIMATORS.register("rloo")
+def _est_rloo(
+    token_rewards: Tensor,
+    mask: Tensor,
+    *,
+    index: Tensor | None,
+    values: Tensor | None,
+    cfg: AlgorithmConfig,
+) -> tuple[Tensor, Tensor]:
+    scores = masked_sum(token_rewards, mask, -1)
+    adv = rloo_advantage(scores, _require(index, "group index", "rloo"), mask)
+    return adv, adv
+
+
+@ADV_ESTIMATORS.register("reinforce_pp")
+def _est_reinforce_pp(
+    token_rewards: Tensor,
+    mask: Tensor,
+    *,
+    index: Tensor | None,
+    values: Tensor | None,
+    cfg: AlgorithmConfig,
+) -> tuple[Tensor, Tensor]:
+    ret = discounted_returns(token_rewards, mask, cfg.gamma)
+    return masked_whiten(ret, mask), ret
+
+
+@ADV_ESTIMATORS.register("reinforce_pp_baseline")
+def _est_reinforce_pp_baseline(
+    token_rewards: Tensor,
+    mask: Tensor,
+    *,
+    index: Tensor | None,
+    values: Tensor | None,
+    cfg: AlgorithmConfig,
+) -> tuple[Tensor, Tensor]:
+    scores = masked_sum(token_rewards, mask, -1)
+    adv = reinforce_pp_baseline_advantage(
+        scores, _require(index, "group index", "reinforce_pp_baseline"), mask
+    )
+    return adv, adv
+
+
+def compute_advantages(
+    name: str,
+    token_rewards: Tensor,
+    mask: Tensor,
+    cfg: AlgorithmConfig,
+    index: Tensor | None = None,
+    values: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run the named estimator: ``(advantages, returns)``, both ``(B, R)``, 0 at mask-0."""
+    return ADV_ESTIMATORS.get(name)(token_rewards, mask, index=index, values=values, cfg=cfg)
+
+
+# -- log-probs, entropy, KL ----------------------------------------------------------------------
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-prob of ``labels`` ``(...)`` under ``logits`` ``(..., V)`` -> ``(...)``, in fp32.
+
+    ``gather - logsumexp`` avoids materialising a second ``(..., V)`` tensor."""
+    logits = logits.float()
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the softmax over the last dim: ``(..., V) -> (...)``, in fp32."""
+    logits = logits.float()
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+
+
+KL_ESTIMATORS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("KL estimator")
+
+
+@KL_ESTIMATORS.register("k1")
+def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``log p - log q`` per token ``(B, R)``: unbiased for KL(p||q), high variance, can be < 0."""
+    return logprobs - ref_logprobs
+
+
+@KL_ESTIMATORS.register("k2")
+def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``0.5 (log p - log q)^2`` per token ``(B, R)``: biased, low variance, >= 0."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+@KL_ESTIMATORS.register("k3")
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``q/p - log(q/p) - 1`` per token ``(B, R)`` (Schulman's low-variance unbiased estimator,
+    always >= 0). The log-ratio is clamped to [-20, 20] so ``exp`` stays finite."""
+    log_ratio = (ref_logprobs - logprobs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str) -> Tensor:
+    """Per-token KL estimate ``(B, R)``, 0 at mask-0 positions."""
+    return KL_ESTIMATORS.get(estimator)(logprobs, ref_logprobs) * mask.to(logprobs.dtype)
+
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    estimator: str = "k3",
+    loss_agg: str = "token-mean",
+    denom: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """KL-to-reference as a loss term. ``(B, R)`` inputs -> (scalar, ``actor/kl_loss``)."""
+    kl = KL_ESTIMATORS.get(estimator)(logprobs, ref_logprobs)
+    loss = agg_loss(kl, mask, loss_agg, denom)
+    return loss, {"actor/kl_loss": float(masked_mean(kl.detach(), mask))}
+
+
+# -- policy losses -----------------------------------------------------------------------------
+def ppo_clip_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip_c: float | None = None,
+    loss_agg: str = "token-mean",
+    denom: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO clipped surrogate on ``(B, R)`` tensors -> (scalar loss, metrics).
+
+    ``clip_high`` (clip-higher, DAPO) defaults to ``clip_low``. ``dual_clip_c`` (> 1) bounds
+    the loss of negative-advantage tokens at ``-c * A`` (dual-clip PPO).
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    log_ratio = (logprobs - old_logprobs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    clipped = torch.maximum(loss1, loss2)
+    metrics = {
+        "actor/pg_clipfrac": float(masked_mean((loss2 > loss1).float(), mask)),
+        "actor/ppo_kl": float(masked_mean(-log_ratio.detach(), mask)),
+    }
+    if dual_clip_c is not None:
+        if dual_clip_c <= 1.0:
+            raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+        loss3 = -advantages * dual_clip_c
+        lower = torch.minimum(clipped, loss3)
+        neg = advantages < 0
+        metrics["actor/pg_clipfrac_lower"] = float(
+            masked_mean(((clipped > loss3) & neg).float(), mask)
+        )
+        clipped = torch.where(neg, lower, clipped)
+    loss = agg_loss(clipped, mask, loss_agg, denom)
+    metrics["actor/pg_loss"] = float(loss.detach())
+    return loss, metrics
+
+
+def gspo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float | None = 4e-4,
+    loss_agg: str = "seq-mean-token-mean",
+    denom: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """GSPO: the importance ratio is the sequence's geometric-mean token ratio (over policy
+    tokens), with the gradient still flowing per token. ``(B, R)`` inputs -> (loss, metrics)."""
+    clip_high = clip_low if clip_high is None else clip_high
+    log_ratio = logprobs - old_logprobs
+    seq_log_ratio = masked_mean(log_ratio, mask, -1)  # (B,)
+    tok_log_ratio = seq_log_ratio.detach()[:, None] + logprobs - logprobs.detach()  # (B, R)
+    ratio = torch.exp(tok_log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    loss1 = -advantages * ratio
+    loss2 = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    clipped = torch.maximum(loss1, loss2)
+    loss = agg_loss(clipped, mask, loss_agg, denom)
+    return loss, {
+        "actor/pg_loss": float(loss.detach()),
+        "actor/pg_clipfrac": float(masked_mean((loss2 > loss1).float(), mask)),
+        "actor/ppo_kl": float(masked_mean(-log_ratio.detach(), mask)),
+    }
+
+
+PolicyLoss = Callable[..., tuple[Tensor, dict[str, float]]]
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+
+
+@POLICY_LOSSES.register("vanilla")
+def _pl_vanilla(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    cfg: AlgorithmConfig,
+    denom: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    return ppo_clip_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_low=cfg.clip_ratio,
+        clip_high=cfg.clip_ratio_high,
+        dual_clip_c=cfg.dual_clip_c,
+        loss_agg=cfg.loss_agg,
+        denom=denom,
+    )
+
+
+@POLICY_LOSSES.register("gspo")
+def _pl_gspo(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    cfg: AlgorithmConfig,
+    denom: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    return gspo_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_low=cfg.clip_ratio,
+        clip_high=cfg.clip_ratio_high,
+        loss_agg=cfg.loss_agg,
+        denom=denom,
+    )
+
+
+def policy_loss(
+    name: str,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cfg: AlgorithmConfig,
+    denom: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Run the named policy loss on ``(B, R)`` tensors -> (scalar, metrics)."""
+    return POLICY_LOSSES.get(name)(logprobs, old_logprobs, advantages, mask, cfg=cfg, denom=denom)
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip: float,
+    loss_agg: str = "token-mean",
+    denom: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped value loss ``0.5 max((v - R)^2, (v_clip - R)^2)``, ``v_clip`` within ``clip``
+    of the rollout-time values. ``(B, R)`` inputs -> (scalar, ``critic/*`` metrics)."""
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    l1 = (values - returns) ** 2
+    l2 = (v_clipped - returns) ** 2
+    loss = agg_loss(0.5 * torch.maximum(l1, l2), mask, loss_agg, denom)
+    return loss, {
+        "critic/vf_loss": float(loss.detach()),
+        "critic/vf_clipfrac": float(masked_mean((l2 > l1).float(), mask)),
+        "critic/vpred_mean": float(masked_mean(values.detach(), mask)),
+    }
+
+
+def entropy_bonus(
+    entropy: Tensor, mask: Tensor, loss_agg: str = "token-mean", denom: float | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """Aggregated entropy ``(B, R) -> scalar`` (to be *subtracted*, scaled, from the loss)."""
+    ent = agg_loss(entropy, mask, loss_agg, denom)
+    return ent, {"actor/entropy": float(masked_mean(entropy.detach(), mask))}
+
+
+def metric_means(items: list[dict[str, float]]) -> dict[str, Any]:
+    """Average a list of metric dicts key by key (micro-batch metrics -> step metrics)."""
+    keys = {k for d in items for k in d}
+    return {k: sum(d[k] for d in items if k in d) / sum(1 for d in items if k in d) for k in keys}

@@ -1,0 +1,192 @@
+"""Trajectories -> padded training tensors, and per-token log-probs/entropies/values of a model.
+
+Layout: prompts are left-padded to ``P`` and responses right-padded to ``R``, so every row's
+response starts at column ``P`` of ``input_ids`` ``(B, P + R)``. The logits that predict
+response token ``t`` sit at column ``P - 1 + t``; all per-token tensors are ``(B, R)``.
+Position ids count real tokens only, so left padding does not shift positions.
+
+The loss mask comes from ``Trajectory.loss_mask`` as the rollout built it (1 sampled, 0
+inserted); padding is 0. Nothing here re-tokenises text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from sr1.algos.core import entropy_from_logits, logprobs_from_logits
+from sr1.rollout.types import Trajectory
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class TrainBatch:
+    """Padded tensors for B trajectories. ``P`` prompt columns, ``R`` response columns."""
+
+    input_ids: Tensor  # (B, P + R) long
+    attention_mask: Tensor  # (B, P + R) long, 0 on padding
+    position_ids: Tensor  # (B, P + R) long
+    response_mask: Tensor  # (B, R) float: 1 where the loss applies
+    response_valid: Tensor  # (B, R) float: 1 on every real response token (sampled or inserted)
+    rollout_logprobs: Tensor  # (B, R) float: the engine's log-probs (0 where not sampled)
+    scores: Tensor  # (B,) float outcome rewards
+    index: Tensor  # (B,) long group ids (same prompt = same id)
+    prompt_len: int  # P
+    # filled by the trainer before updates, all (B, R):
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    values: Tensor | None = None
+    advantages: Tensor | None = None
+    returns: Tensor | None = None
+
+    @property
+    def response_attn(self) -> Tensor:
+        """``(B, R)`` 1 on every real response token (alias of ``response_valid``)."""
+        return self.response_valid
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: Tensor | Sequence[int]) -> TrainBatch:
+        """The sub-batch of the given row indices (same P and R)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return self._map(lambda x: x[idx])
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return self._map(lambda x: x.to(device))
+
+    def _map(self, fn: Any) -> TrainBatch:
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = fn(v) if isinstance(v, torch.Tensor) else v
+        return TrainBatch(**kw)
+
+
+def collate(trajs: Sequence[Trajectory], pad_id: int, use_mask: bool = True) -> TrainBatch:
+    """Pad trajectories into a :class:`TrainBatch`.
+
+    ``use_mask=False`` (the paper's no-mask ablation) trains on inserted tokens too.
+    """
+    if not trajs:
+        raise ValueError("collate needs at least one trajectory")
+    B = len(trajs)
+    P = max(len(t.prompt_ids) for t in trajs)
+    R = max(1, max(len(t.response_ids) for t in trajs))
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, P + R, dtype=torch.long)
+    mask = torch.zeros(B, R)
+    valid = torch.zeros(B, R)
+    lps = torch.zeros(B, R)
+    for b, t in enumerate(trajs):
+        if not (len(t.response_ids) == len(t.loss_mask) == len(t.logprobs)):
+            raise ValueError(
+                f"trajectory {t.id}: response_ids, loss_mask and logprobs differ in length"
+            )
+        p, r = len(t.prompt_ids), len(t.response_ids)
+        ids[b, P - p : P] = torch.tensor(t.prompt_ids, dtype=torch.long)
+        attn[b, P - p : P + r] = 1
+        if r:
+            ids[b, P : P + r] = torch.tensor(t.response_ids, dtype=torch.long)
+            m = torch.tensor(t.loss_mask, dtype=torch.float32)
+            mask[b, :r] = m if use_mask else 1.0
+            valid[b, :r] = 1.0
+            lps[b, :r] = torch.tensor(t.logprobs, dtype=torch.float32)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return TrainBatch(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=pos,
+        response_mask=mask,
+        response_valid=valid,
+        rollout_logprobs=lps,
+        scores=torch.tensor([float(t.reward) for t in trajs]),
+        index=torch.tensor([int(t.group) for t in trajs], dtype=torch.long),
+        prompt_len=P,
+    )
+
+
+def _trim(batch: TrainBatch) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Drop columns that are padding in every row of this (micro-)batch; returns the new
+    input_ids/attention_mask/position_ids and how many leading columns were dropped."""
+    attn = batch.attention_mask
+    used = attn.any(0)  # (T,)
+    first = int(used.nonzero()[0]) if used.any() else 0
+    first = min(first, batch.prompt_len - 1)  # keep the column that predicts response token 0
+    last = int(used.nonzero()[-1]) + 1 if used.any() else attn.shape[1]
+    last = max(last, batch.prompt_len + 1)
+    sl = slice(first, last)
+    return batch.input_ids[:, sl], attn[:, sl], batch.position_ids[:, sl], first
+
+
+def response_forward(
+    model: torch.nn.Module, batch: TrainBatch, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs ``(B, R)`` of the response tokens under ``model`` (with grad if enabled) and
+    optionally their entropies ``(B, R)``. Positions past a row's response are 0."""
+    ids, attn, pos, first = _trim(batch)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    P, R = batch.prompt_len - first, batch.response_len
+    n = min(R, ids.shape[1] - P)  # response columns present after trimming
+    logits = out.logits[:, P - 1 : P - 1 + n]  # (B, n, V)
+    labels = ids[:, P : P + n]  # (B, n)
+    lp = torch.zeros(len(batch), R, dtype=torch.float32, device=ids.device)
+    lp = torch.cat([logprobs_from_logits(logits, labels), lp[:, n:]], dim=1)  # (B, R)
+    ent = None
+    if with_entropy:
+        ent = torch.cat([entropy_from_logits(logits), lp.new_zeros(len(batch), R - n)], dim=1)
+    return lp * batch.response_valid, (ent * batch.response_valid if ent is not None else None)
+
+
+response_logprobs = response_forward
+
+
+def value_forward(critic: torch.nn.Module, batch: TrainBatch) -> Tensor:
+    """Critic values ``(B, R)``: the value of the state just before each response token."""
+    ids, attn, pos, first = _trim(batch)
+    v = critic(input_ids=ids, attention_mask=attn, position_ids=pos)  # (B, T')
+    P, R = batch.prompt_len - first, batch.response_len
+    n = min(R, ids.shape[1] - P)
+    v = v[:, P - 1 : P - 1 + n].float()
+    return torch.cat([v, v.new_zeros(len(batch), R - n)], dim=1) * batch.response_valid
+
+
+@torch.no_grad()
+def batched_logprobs(
+    model: torch.nn.Module, batch: TrainBatch, micro_batch_size: int, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`response_forward` without grad, micro-batched; ``(B, R)`` results on CPU."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    lps, ents = [], []
+    for i in range(0, len(batch), micro_batch_size):
+        mb = batch.select(range(i, min(i + micro_batch_size, len(batch)))).to(dev)
+        lp, ent = response_forward(model, mb, with_entropy)
+        lps.append(lp.cpu())
+        if ent is not None:
+            ents.append(ent.cpu())
+    model.train(was)
+    return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
+
+
+@torch.no_grad()
+def batched_values(critic: torch.nn.Module, batch: TrainBatch, micro_batch_size: int) -> Tensor:
+    """:func:`value_forward` without grad, micro-batched; ``(B, R)`` on CPU."""
+    was = critic.training
+    critic.eval()
+    dev = next(critic.parameters()).device
+    out = []
+    for i in range(0, len(batch), micro_batch_size):
+        mb = batch.select(range(i, min(i + micro_batch_size, len(batch)))).to(dev)
+        out.append(value_forward(critic, mb).cpu())
+    critic.train(was)
+    return torch.cat(out)

@@ -1,0 +1,227 @@
+"""``sr1 sft``: a short supervised format warm-start on well-formed gold trajectories.
+
+Models too small to follow the Search-R1 format (SmolLM2-135M never emits ``<search>``) give
+RL no signal. This builds, for each training question, the trajectory a good policy would
+write: ``<think>…</think><search> q </search>``, the *real* retrieved ``<information>`` block
+(mask 0, exactly as the rollout loop inserts it), and ``<think>…</think><answer> gold
+</answer>``. Queries are the row's gold queries (``metadata["gold_queries"]`` or
+``metadata["queries"]``, as the synthetic world provides for two-hop questions), else the
+question itself. Tokens are appended segment by segment with their mask bit, never
+re-tokenised as a whole, so the SFT data has the token/mask layout RL will see. The loss is
+the masked token-mean NLL over policy tokens only (the same :func:`agg_loss`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from sr1 import models
+from sr1.algos import core
+from sr1.config import ExperimentConfig, to_dict
+from sr1.rollout.types import Trajectory
+from sr1.train.batch import collate, response_forward
+from sr1.train.checkpoint import save_checkpoint
+
+FIRST_THINK = "<think> I need to find {q}. </think>\n<search> {q} </search>"
+NEXT_THINK = "<think> Next I need {q}. </think>\n<search> {q} </search>"
+ANSWER = "<think> The documents give the answer. </think>\n<answer> {a} </answer>"
+
+
+def gold_queries(row: dict[str, Any], max_turns: int) -> list[str]:
+    """The searches a gold trajectory makes for ``row`` (at most ``max_turns``)."""
+    meta = row.get("metadata") or {}
+    qs = meta.get("gold_queries") or meta.get("queries") or [row["question"]]
+    if isinstance(qs, str):
+        qs = [qs]
+    return [str(q).strip() for q in qs if str(q).strip()][:max_turns]
+
+
+def gold_trajectory(
+    row: dict[str, Any], tokenizer: Any, retriever: Any, cfg: ExperimentConfig
+) -> Trajectory:
+    """A well-formed trajectory for ``row`` with real retrieval (mask 0 on inserted blocks)."""
+    from sr1.rollout.loop import observation_ids
+
+    enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prompt_ids = enc(row["prompt"])[-cfg.rollout.max_prompt_length :]
+    t = Trajectory(
+        id=str(row["id"]),
+        question=row["question"],
+        golden_answers=list(row["golden_answers"]),
+        data_source=row.get("data_source", ""),
+        prompt=row["prompt"],
+        prompt_ids=prompt_ids,
+    )
+
+    def add(ids: Sequence[int], sampled: bool) -> None:
+        t.response_ids.extend(ids)
+        t.loss_mask.extend([int(sampled)] * len(ids))
+        t.logprobs.extend([0.0] * len(ids))
+
+    for i, q in enumerate(gold_queries(row, cfg.rollout.max_turns)):
+        turn = (FIRST_THINK if i == 0 else NEXT_THINK).format(q=q)
+        add(enc(turn), True)
+        passages = retriever.search([q], k=cfg.rollout.topk)[0]
+        add(observation_ids(tokenizer, passages, cfg.rollout.max_obs_length, turn), False)
+        t.queries.append(q)
+        t.retrieved_ids.append([p.id for p in passages])
+        t.num_searches += 1
+    final = enc(ANSWER.format(a=row["golden_answers"][0]))
+    if tokenizer.eos_token_id is not None:
+        final.append(int(tokenizer.eos_token_id))
+    add(final, True)
+    t.text = tokenizer.decode(t.response_ids, skip_special_tokens=False)
+    t.answer = str(row["golden_answers"][0])
+    t.reward = 1.0
+    return t
+
+
+def sft(
+    cfg: ExperimentConfig,
+    model: str,
+    index: str,
+    dataset: str | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+    rows: list[dict[str, Any]] | None = None,
+    retriever: Any | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` on gold trajectories; returns ``{run_id, checkpoint, steps, ...}``.
+
+    ``trainer.sft_examples`` questions (of ``dataset`` or ``data.train_datasets``), retrieved
+    from ``index``, ``trainer.sft_epochs`` epochs at ``trainer.sft_lr``, mini-batches of
+    ``trainer.mini_batch_size`` with micro-batches of ``trainer.micro_batch_size``; LoRA when
+    ``trainer.lora_rank`` > 0 (merged in the checkpoint). ``rows``/``retriever`` replace the
+    configured data and index (library use, tests).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from sr1.retrieval import open_retriever
+    from sr1.tracking.run import start_run
+    from sr1.train.trainer import DataOrder, _load_train_rows
+
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, name=model),
+        retrieval=dataclasses.replace(cfg.retrieval, index=index),
+    )
+    if dataset is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_datasets=[dataset]))
+    t = cfg.trainer
+    base = models.resolve(model)
+    dev = models.pick_device(cfg.model.device)
+    tok = models.load_tokenizer(base, cfg.model.revision)
+    torch.manual_seed(t.seed)
+    if rows is None:
+        rows = _load_train_rows(cfg, tok)
+    if retriever is None:
+        retriever = open_retriever(index, cfg.retrieval)
+    order = DataOrder(len(rows), cfg.data.seed)
+    picked = [rows[i] for i in order.take(min(t.sft_examples, len(rows)))]
+    trajs = [gold_trajectory(r, tok, retriever, cfg) for r in picked]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batch = collate(trajs, pad)  # the same mask RL uses
+    policy = AutoModelForCausalLM.from_pretrained(
+        base, dtype=models.pick_dtype(cfg.model.dtype, dev)
+    ).to(dev)
+    if t.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(
+            policy,
+            LoraConfig(
+                r=t.lora_rank,
+                lora_alpha=t.lora_alpha,
+                target_modules="all-linear",
+                lora_dropout=0.0,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    if t.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.sft_lr, weight_decay=t.weight_decay)
+    n_updates = t.sft_epochs * -(-len(trajs) // t.mini_batch_size)
+    if max_steps is not None:
+        n_updates = min(n_updates, max_steps)
+    g = torch.Generator().manual_seed(t.seed)
+    steps: list[dict[str, float]] = []
+    with start_run(
+        kind="sft",
+        name=f"sft-{model}",
+        config=to_dict(cfg),
+        model=model,
+        experiment=cfg.tracking.experiment,
+        mlflow_uri=cfg.tracking.mlflow_uri,
+    ) as run:
+        run.log_params(
+            {
+                "base_model": base,
+                "index": index,
+                "n_examples": len(trajs),
+                "searches_per_example": sum(x.num_searches for x in trajs) / max(1, len(trajs)),
+                "masked_share": float(1 - batch.response_mask.sum() / batch.response_valid.sum()),
+            }
+        )
+        bar, task = _bar(progress, n_updates)
+        step = 0
+        try:
+            while step < n_updates:
+                perm = torch.randperm(len(trajs), generator=g)
+                for s in range(0, len(trajs), t.mini_batch_size):
+                    if step >= n_updates:
+                        break
+                    t0 = time.perf_counter()
+                    idx = perm[s : s + t.mini_batch_size]
+                    denom = core.agg_denominator(batch.response_mask[idx], "token-mean")
+                    total = 0.0
+                    for i in range(0, len(idx), t.micro_batch_size):
+                        mb = batch.select(idx[i : i + t.micro_batch_size]).to(dev)
+                        lp, _ = response_forward(policy, mb)
+                        loss = core.agg_loss(-lp, mb.response_mask, "token-mean", denom)
+                        loss.backward()
+                        total += float(loss.detach())
+                    gn = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    dt = time.perf_counter() - t0
+                    ntok = float(batch.response_valid[idx].sum() + len(idx) * batch.prompt_len)
+                    m = {"sft/loss": total, "sft/grad_norm": float(gn), "time/step_s": dt,
+                         "perf/train_tokens_per_s": ntok / max(dt, 1e-9)}  # fmt: skip
+                    run.log_metrics(step, m)
+                    steps.append({"step": step, **m})
+                    if bar is not None:
+                        bar.update(task, advance=1, description=f"sft loss {total:.3f}")
+        finally:
+            if bar is not None:
+                bar.stop()
+        out = save_checkpoint(run.dir / "checkpoints" / "final", policy, tok, {"step": step})
+        run.log_artifact(out, kind="checkpoint")
+        return {
+            "run_id": run.run_id,
+            "checkpoint": str(out),
+            "steps": steps,
+            "n_examples": len(trajs),
+            "final_loss": steps[-1]["sft/loss"] if steps else None,
+        }
+
+
+def _bar(enabled: bool, total: int) -> tuple[Any, Any]:
+    if not enabled:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from sr1.cli.common import err_console
+
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err_console
+    )
+    bar.start()
+    return bar, bar.add_task("sft", total=total)

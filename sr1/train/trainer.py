@@ -1,0 +1,674 @@
+"""RL training orchestration: rollout -> reward -> old/ref log-probs -> advantages -> updates.
+
+The math lives in :mod:`sr1.algos.core` (pure functions); this module only wires models,
+optimisers, the rollout engine, checkpoints and logging together.
+
+Per step: take the next ``prompts_per_step`` rows in the seeded data order, roll out
+``n_samples`` trajectories each with the search loop (reward by ``algorithm.reward``), recompute
+old log-probs with the trainer's model (not the engine's, which may differ numerically, e.g.
+vLLM), reference log-probs (frozen base; with LoRA the adapter is switched off instead of
+keeping a copy), values for PPO, then advantages, then ``ppo_epochs`` passes of shuffled
+mini-batches, each one optimiser update accumulated over micro-batches. The rollout engine
+then gets the new weights (the HF engine shares the module, so that is free).
+
+Deliberate departures from Search-R1/verl:
+- Group algorithms (grpo, rloo) refuse ``rollout.n_samples`` < 2 (their advantages would
+  all be 0) instead of silently changing it.
+- ``trainer.warmup_steps`` counts optimiser updates, not RL steps.
+- Under data parallelism each rank rolls out its own share of the step's prompts (groups
+  never straddle ranks); gradients are averaged by Accelerate's DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sr1 import models, paths
+from sr1.algos import core
+from sr1.algos.rewards import make_reward_fn
+from sr1.config import ExperimentConfig, resolve_config, to_dict
+from sr1.errors import ConfigError, NotFoundError
+from sr1.registry import Registry
+from sr1.rollout.types import Trajectory
+from sr1.train.batch import (
+    TrainBatch,
+    batched_logprobs,
+    batched_values,
+    collate,
+    response_forward,
+    value_forward,
+)
+from sr1.train.checkpoint import (
+    latest_checkpoint,
+    load_state,
+    merged_copy,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from sr1.train.critic import Critic
+
+
+@dataclass(frozen=True)
+class AlgoSpec:
+    """What an algorithm name means: its default advantage estimator and whether it needs a
+    critic or groups of samples per prompt."""
+
+    adv_estimator: str
+    critic: bool
+    grouped: bool
+
+
+ALGOS: Registry[AlgoSpec] = Registry("algorithm")
+ALGOS.add("ppo", AlgoSpec("gae", critic=True, grouped=False))
+ALGOS.add("grpo", AlgoSpec("grpo", critic=False, grouped=True))
+ALGOS.add("rloo", AlgoSpec("rloo", critic=False, grouped=True))
+ALGOS.add("reinforce_pp", AlgoSpec("reinforce_pp", critic=False, grouped=False))
+
+
+# -- data order -------------------------------------------------------------------------------
+class DataOrder:
+    """Rows in a seeded shuffled order, epoch after epoch; ``state`` makes it resumable."""
+
+    def __init__(self, n_rows: int, seed: int) -> None:
+        if n_rows == 0:
+            raise NotFoundError("no training rows", hint="check data.train_datasets")
+        self.n, self.seed, self.epoch, self.cursor = n_rows, seed, 0, 0
+
+    def _perm(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        perm = self._perm()
+        while len(out) < k:
+            if self.cursor >= self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                perm = self._perm()
+            out.append(perm[self.cursor])
+            self.cursor += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "cursor": self.cursor}
+
+    def load(self, s: dict[str, int]) -> None:
+        self.seed, self.epoch, self.cursor = s["seed"], s["epoch"], s["cursor"]
+
+
+# -- the update machinery ------------------------------------------------------------------------
+def _chunks(idx: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, len(idx), size):
+        yield idx[i : i + size]
+
+
+class RLTrainer:
+    """Models, optimisers and one RL update from a list of scored trajectories.
+
+    ``step_on(trajs)`` is the whole learning part of a step (rollout and logging live in
+    :func:`train`): it builds the batch, computes old/ref log-probs, values and advantages,
+    runs the updates and returns the step's metrics. The policy starts from ``model_path``
+    (default: ``cfg.model.name``) or, when resuming, from ``init_ckpt``; a frozen reference
+    exists when the KL coefficient is nonzero (with LoRA the adapter is switched off instead);
+    PPO gets a critic.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        model_path: str | None = None,
+        accelerator: Any | None = None,
+        init_ckpt: Path | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        self.acfg = cfg.algorithm
+        self.tcfg = cfg.trainer
+        self.spec = ALGOS.get(cfg.algorithm.name)
+        if self.spec.grouped and cfg.rollout.n_samples < 2:
+            raise ConfigError(
+                f"{cfg.algorithm.name} compares samples of the same prompt: rollout.n_samples "
+                f"is {cfg.rollout.n_samples}",
+                hint="pass --set rollout.n_samples=5 (the paper's group size)",
+            )
+        self.adv_name = cfg.algorithm.adv_estimator or self.spec.adv_estimator
+        core.ADV_ESTIMATORS.get(self.adv_name)
+        core.POLICY_LOSSES.get(cfg.algorithm.policy_loss)
+        core.KL_ESTIMATORS.get(cfg.algorithm.kl_estimator)
+        core.LOSS_AGG_MODES.get(cfg.algorithm.loss_agg)
+        if self.tcfg.mini_batch_size < 1 or self.tcfg.micro_batch_size < 1:
+            raise ConfigError("trainer.mini_batch_size and trainer.micro_batch_size must be >= 1")
+        if accelerator is None:
+            from accelerate import Accelerator
+
+            accelerator = Accelerator(cpu=models.pick_device(cfg.model.device) == "cpu")
+        self.acc = accelerator
+        self.base = model_path or models.resolve(cfg.model.name)
+        dev = str(accelerator.device)
+        dtype = models.pick_dtype(cfg.model.dtype, dev)
+        torch.manual_seed(cfg.trainer.seed)
+        self.tokenizer = models.load_tokenizer(self.base, cfg.model.revision)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(self.tokenizer.eos_token_id if pad is None else pad)
+
+        lora = cfg.trainer.lora_rank > 0
+        src = self.base if (init_ckpt is None or lora) else str(init_ckpt)
+        policy = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(dev)
+        if lora:
+            from peft import LoraConfig, PeftModel, get_peft_model
+
+            if init_ckpt is not None:
+                policy = PeftModel.from_pretrained(
+                    policy, str(init_ckpt / "adapter"), is_trainable=True
+                )
+            else:
+                lcfg = LoraConfig(
+                    r=cfg.trainer.lora_rank,
+                    lora_alpha=cfg.trainer.lora_alpha,
+                    target_modules="all-linear",
+                    lora_dropout=0.0,
+                    task_type="CAUSAL_LM",
+                )
+                policy = get_peft_model(policy, lcfg)
+        gc_kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        if cfg.trainer.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(**gc_kwargs)
+        policy.train()
+        self.ref: torch.nn.Module | None = None
+        if cfg.algorithm.kl_coef > 0 and not lora:
+            self.ref = AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype).to(dev).eval()
+            self.ref.requires_grad_(False)
+
+        warm = max(0, self.tcfg.warmup_steps)
+
+        def sched(u: int) -> float:
+            return min(1.0, (u + 1) / warm) if warm else 1.0
+
+        params = [p for p in policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, sched)
+        self.policy, self.optimizer = accelerator.prepare(policy, opt)
+        self.critic: Any = None
+        self.critic_optimizer: Any = None
+        self.critic_sched: Any = None
+        if self.spec.critic:
+            csrc = str(init_ckpt / "critic") if init_ckpt is not None else self.base
+            critic = Critic.from_pretrained(csrc, dtype, dev, seed=cfg.trainer.seed)
+            if cfg.trainer.gradient_checkpointing:
+                critic.backbone.gradient_checkpointing_enable(**gc_kwargs)
+            critic.train()
+            copt = torch.optim.AdamW(
+                critic.parameters(), lr=self.tcfg.critic_lr, weight_decay=self.tcfg.weight_decay
+            )
+            self.critic_sched = torch.optim.lr_scheduler.LambdaLR(copt, sched)
+            self.critic, self.critic_optimizer = accelerator.prepare(critic, copt)
+        self.updates = 0
+        self.global_step = 0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The policy without distributed wrappers (what engines and checkpoints see)."""
+        return self.acc.unwrap_model(self.policy)
+
+    @property
+    def lora(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    # -- one step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _ref_logprobs(self, batch: TrainBatch) -> torch.Tensor | None:
+        mbs = self.tcfg.micro_batch_size
+        if self.acfg.kl_coef <= 0:
+            return None
+        if self.lora:
+            with self.model.disable_adapter():
+                return batched_logprobs(self.model, batch, mbs)[0]
+        assert self.ref is not None
+        return batched_logprobs(self.ref, batch, mbs)[0]
+
+    def prepare_batch(self, trajs: Sequence[Trajectory]) -> TrainBatch:
+        """Padded batch with old/ref log-probs, values, returns and advantages filled, all
+        ``(B, R)``; the preparation metrics are in ``self.prep_metrics``."""
+        batch = collate(trajs, self.pad_id, use_mask=self.acfg.use_mask)
+        mbs = self.tcfg.micro_batch_size
+        mask = batch.response_mask
+        batch.old_logprobs, _ = batched_logprobs(self.model, batch, mbs)
+        batch.ref_logprobs = self._ref_logprobs(batch)
+        if self.critic is not None:
+            batch.values = batched_values(self.acc.unwrap_model(self.critic), batch, mbs)
+        token_rewards = core.place_outcome_reward(batch.scores, mask)  # (B, R)
+        m: dict[str, float] = {}
+        if batch.ref_logprobs is not None:
+            kl = core.kl_penalty(
+                batch.old_logprobs, batch.ref_logprobs, mask, self.acfg.kl_estimator
+            )
+            m["actor/kl"] = float(core.masked_mean(kl, mask))
+            if self.acfg.kl_in_reward:
+                token_rewards = token_rewards - self.acfg.kl_coef * kl
+        batch.advantages, batch.returns = core.compute_advantages(
+            self.adv_name, token_rewards, mask, self.acfg, index=batch.index, values=batch.values
+        )
+        m["actor/adv_abs_mean"] = float(core.masked_mean(batch.advantages.abs(), mask))
+        # how far the engine's sampling log-probs are from the trainer's recomputation
+        m["actor/engine_logprob_diff"] = float(
+            core.masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
+        )
+        self.prep_metrics = m
+        return batch
+
+    def _micro_loss(self, mb: TrainBatch, denom: float) -> tuple[torch.Tensor, dict[str, float]]:
+        a = self.acfg
+        mask = mb.response_mask
+        lp, ent = response_forward(self.policy, mb, with_entropy=True)
+        assert ent is not None and mb.old_logprobs is not None and mb.advantages is not None
+        loss, m = core.policy_loss(
+            a.policy_loss, lp, mb.old_logprobs, mb.advantages, mask, a, denom
+        )
+        if mb.ref_logprobs is not None and not a.kl_in_reward:
+            kl, km = core.kl_loss(lp, mb.ref_logprobs, mask, a.kl_estimator, a.loss_agg, denom)
+            loss = loss + a.kl_coef * kl
+            m.update(km)
+        e, em = core.entropy_bonus(ent, mask, a.loss_agg, denom)
+        m.update(em)
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * e
+        if self.critic is not None:
+            assert mb.values is not None and mb.returns is not None
+            v = value_forward(self.critic, mb)
+            vl, vm = core.value_loss(
+                v, mb.values, mb.returns, mask, a.value_clip, a.loss_agg, denom
+            )
+            loss = loss + vl
+            m.update(vm)
+        return loss, m
+
+    def update(self, batch: TrainBatch, step: int) -> dict[str, float]:
+        """``ppo_epochs`` passes of shuffled mini-batches; one optimiser update each, gradients
+        accumulated over micro-batches (losses use the mini-batch normaliser, so they sum)."""
+        t = self.tcfg
+        dev = self.acc.device
+        g = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+        out: list[dict[str, float]] = []
+        for _ in range(t.ppo_epochs):
+            perm = torch.randperm(len(batch), generator=g)
+            for idx in _chunks(perm, t.mini_batch_size):
+                denom = core.agg_denominator(batch.response_mask[idx], self.acfg.loss_agg)
+                micro = list(_chunks(idx, t.micro_batch_size))
+                ms: list[dict[str, float]] = []
+                for i, rows in enumerate(micro):
+                    last = i == len(micro) - 1 or self.acc.num_processes == 1
+                    ctx = contextlib.nullcontext() if last else self.acc.no_sync(self.policy)
+                    with ctx:
+                        loss, m = self._micro_loss(batch.select(rows).to(dev), denom)
+                        self.acc.backward(loss)
+                    ms.append(m)
+                m = core.metric_means(ms)
+                params = [p for p in self.policy.parameters() if p.requires_grad]
+                m["actor/grad_norm"] = float(self.acc.clip_grad_norm_(params, t.grad_clip))
+                m["actor/lr"] = self.sched.get_last_lr()[0]
+                self.optimizer.step()
+                self.sched.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.critic is not None:
+                    cn = self.acc.clip_grad_norm_(self.critic.parameters(), t.grad_clip)
+                    m["critic/grad_norm"] = float(cn)
+                    self.critic_optimizer.step()
+                    self.critic_sched.step()
+                    self.critic_optimizer.zero_grad(set_to_none=True)
+                self.updates += 1
+                out.append(m)
+        return core.metric_means(out)
+
+    def step_on(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
+        """One RL step's learning on scored trajectories; returns rollout + update metrics."""
+        step = self.global_step + 1
+        batch = self.prepare_batch(trajs)
+        metrics = rollout_metrics(trajs, self.cfg.rollout.max_turns)
+        metrics.update(self.prep_metrics)
+        metrics.update(self.update(batch, step))
+        self.global_step = step
+        return metrics
+
+    def engine_model(self) -> torch.nn.Module:
+        """Weights for the rollout engine: the module itself, or a merged copy under LoRA for
+        engines that cannot run adapters (the HF engine runs the PEFT module directly)."""
+        if self.lora and self.cfg.rollout.engine != "hf":
+            return merged_copy(self.model)
+        return self.model
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        s: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "updates": self.updates,
+            "step": self.global_step,
+            "rng": rng_state(),
+        }
+        if self.critic is not None:
+            s["critic_optimizer"] = self.critic_optimizer.state_dict()
+            s["critic_scheduler"] = self.critic_sched.state_dict()
+        return s
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.sched.load_state_dict(s["scheduler"])
+        self.updates = s["updates"]
+        self.global_step = s["step"]
+        if self.critic is not None:
+            self.critic_optimizer.load_state_dict(s["critic_optimizer"])
+            self.critic_sched.load_state_dict(s["critic_scheduler"])
+        set_rng_state(s["rng"])
+
+    def save(self, out: Path, extra: dict[str, Any]) -> Path:
+        critic = self.acc.unwrap_model(self.critic) if self.critic is not None else None
+        return save_checkpoint(
+            out, self.model, self.tokenizer, {**self.state_dict(), **extra}, critic
+        )
+
+
+# -- metrics from trajectories -------------------------------------------------------------------
+def rollout_metrics(trajs: Sequence[Trajectory], max_turns: int) -> dict[str, float]:
+    """Reward, EM, format, search and length statistics of one step's trajectories."""
+    n = max(1, len(trajs))
+    mean = lambda xs: sum(xs) / n  # noqa: E731
+    gen_tokens = [sum(t.loss_mask) for t in trajs]
+    resp = [len(t.response_ids) for t in trajs]
+    m = {
+        "reward/mean": mean([t.reward for t in trajs]),
+        "reward/em": mean([float(t.metrics.get("em", 0.0)) for t in trajs]),
+        "reward/f1": mean([float(t.metrics.get("f1", 0.0)) for t in trajs]),
+        "reward/format_valid": mean([float(t.metrics.get("well_formed", 0.0)) for t in trajs]),
+        "reward/answered": mean([float(t.answer is not None) for t in trajs]),
+        "search/mean": mean([t.num_searches for t in trajs]),
+        "length/gen_tokens_mean": mean(gen_tokens),
+        "length/response_mean": mean(resp),
+        "length/total_mean": mean(
+            [len(t.prompt_ids) + r for t, r in zip(trajs, resp, strict=True)]
+        ),
+        "length/masked_share": (sum(resp) - sum(gen_tokens)) / max(1, sum(resp)),
+        "time/gen_s": sum(t.gen_time_s for t in trajs),
+        "time/retrieval_s": sum(t.retrieval_time_s for t in trajs),
+    }
+    for k in range(max_turns + 1):  # histogram buckets: share of trajectories with k searches
+        m[f"search/frac_{k}"] = mean([float(t.num_searches == k) for t in trajs])
+    m["perf/gen_tokens_per_s"] = sum(gen_tokens) / max(m["time/gen_s"], 1e-9)
+    return m
+
+
+# -- orchestration -----------------------------------------------------------------------------
+def _load_train_rows(cfg: ExperimentConfig, tokenizer: Any) -> list[dict[str, Any]]:
+    """Training rows (id, question, golden_answers, data_source, prompt) for this tokenizer."""
+    from sr1.data.prepare import load_split, train_mix
+    from sr1.data.prompts import render_prompt
+
+    d = cfg.data
+    if len(d.train_datasets) == 1:
+        rows = load_split(
+            d.train_datasets[0], "train", source_dir=d.source_dir, limit=d.max_train_examples
+        )
+    else:
+        rows = train_mix(
+            d.train_datasets, source_dir=d.source_dir, limit=d.max_train_examples, seed=d.seed
+        )
+    return [
+        dict(
+            r,
+            prompt=render_prompt(
+                r["question"], method=d.search_prompt, template=d.template, tokenizer=tokenizer
+            ),
+        )
+        for r in rows
+    ]
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second
+    one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        with contextlib.suppress(ValueError):  # not the main thread: no handler
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _link_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a copy of ``src`` using hard links where possible (checkpoints are large)."""
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def train(
+    cfg: ExperimentConfig,
+    algo: str,
+    model: str,
+    resume: str | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+    rows: list[dict[str, Any]] | None = None,
+    retriever: Any | None = None,
+) -> dict[str, Any]:
+    """Run RL training; returns ``{run_id, checkpoint, steps: [per-step metrics], ...}``.
+
+    ``resume=RUN_ID`` reloads that run's config and latest ``step-N`` checkpoint and continues
+    with the same data order, optimiser and RNG state (``cfg``/``algo``/``model`` are then
+    ignored). ``rows`` (with rendered ``prompt``) and ``retriever`` replace the configured
+    training data and index, for library use and tests.
+    """
+    from accelerate import Accelerator
+
+    from sr1.retrieval import open_retriever
+    from sr1.rollout.engines import make_engine
+    from sr1.rollout.loop import run_rollouts
+    from sr1.tracking.run import start_run
+
+    init_ckpt = None
+    if resume is not None:
+        cfg_path = paths.runs_dir() / resume / "config.yaml"
+        if not cfg_path.is_file():
+            raise NotFoundError(
+                f"run {resume!r} has no saved config at {cfg_path}",
+                hint="list runs with `sr1 runs list`",
+            )
+        cfg = resolve_config(cfg_path)
+        init_ckpt = latest_checkpoint(paths.runs_dir() / resume / "checkpoints")
+        if init_ckpt is None:
+            raise NotFoundError(
+                f"run {resume!r} has no checkpoint to resume from",
+                hint="it stopped before its first save; start a new run",
+            )
+    else:
+        ALGOS.get(algo)
+        cfg = dataclasses.replace(
+            cfg,
+            algorithm=dataclasses.replace(cfg.algorithm, name=algo),
+            model=dataclasses.replace(cfg.model, name=model),
+        )
+    total = max_steps if max_steps is not None else cfg.trainer.max_steps
+    n = cfg.rollout.n_samples
+    accelerator = Accelerator(cpu=models.pick_device(cfg.model.device) == "cpu")
+    trainer = RLTrainer(cfg, accelerator=accelerator, init_ckpt=init_ckpt)
+    base = trainer.base
+    if rows is None:
+        rows = _load_train_rows(cfg, trainer.tokenizer)
+    order = DataOrder(len(rows), cfg.data.seed)
+    start = 0
+    if init_ckpt is not None:
+        st = load_state(init_ckpt)
+        trainer.load_state_dict(st)
+        order.load(st["data"])
+        start = int(st["step"])
+    if retriever is None:
+        retriever = open_retriever(cfg.retrieval.index, cfg.retrieval)
+    engine = make_engine(
+        cfg.rollout.engine,
+        trainer.engine_model(),
+        trainer.tokenizer,
+        cfg.rollout,
+        device=str(accelerator.device),
+        dtype=cfg.model.dtype,
+    )
+    reward_fn = make_reward_fn(cfg.algorithm)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    steps: list[dict[str, float]] = []
+    ckpt_dir: Path | None = None
+    last_ckpt: Path | None = init_ckpt
+    interrupted = False
+    with start_run(
+        kind="train",
+        name=f"{cfg.algorithm.name}-{cfg.model.name}",
+        config=to_dict(cfg),
+        model=cfg.model.name,
+        resume=resume,
+        experiment=cfg.tracking.experiment,
+        mlflow_uri=cfg.tracking.mlflow_uri,
+        use_mlflow=accelerator.is_main_process,
+    ) as run:
+        ckpt_dir = run.dir / "checkpoints"
+        if resume is None:
+            run.log_params(
+                {
+                    "algo": cfg.algorithm.name,
+                    "adv_estimator": trainer.adv_name,
+                    "group_size": n,
+                    "base_model": base,
+                    "world_size": world,
+                    "n_train_rows": len(rows),
+                }
+            )
+        bar, task = _progress_bar(progress and accelerator.is_main_process, total, start)
+        with _StopFlag() as stop:
+            try:
+                for step in range(start + 1, total + 1):
+                    t0 = time.perf_counter()
+                    picked = [rows[i] for i in order.take(cfg.trainer.prompts_per_step)]
+                    trajs = run_rollouts(
+                        engine,
+                        retriever,
+                        picked[rank::world],
+                        cfg.rollout,
+                        n_samples=n,
+                        reward_fn=reward_fn,
+                        progress=False,
+                        seed=cfg.rollout.seed + 7919 * step + rank,
+                    )
+                    t1 = time.perf_counter()
+                    m = trainer.step_on(trajs)
+                    engine.update_weights(trainer.engine_model())
+                    t2 = time.perf_counter()
+                    trained = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+                    m.update(
+                        {
+                            "time/rollout_s": t1 - t0,
+                            "time/train_s": t2 - t1,
+                            "time/step_s": t2 - t0,
+                            "perf/train_tokens_per_s": trained
+                            * cfg.trainer.ppo_epochs
+                            / max(t2 - t1, 1e-9),
+                        }
+                    )
+                    steps.append({"step": step, **m})
+                    if step % cfg.tracking.log_every == 0 or step == total:
+                        run.log_metrics(step, m)
+                    if step % cfg.trainer.save_every == 0 or step == total or stop.set:
+                        last_ckpt = _save(
+                            trainer, accelerator, ckpt_dir / f"step-{step}", step, order
+                        )
+                    if bar is not None:
+                        bar.update(
+                            task,
+                            advance=1,
+                            description=f"step {step} reward {m['reward/mean']:.3f}",
+                        )
+                    if stop.set:
+                        interrupted = True
+                        break
+            finally:
+                if bar is not None:
+                    bar.stop()
+        final = None
+        if not interrupted and last_ckpt is not None and accelerator.is_main_process:
+            final = ckpt_dir / "final"
+            _link_copy(last_ckpt, final)
+            run.log_artifact(final, kind="checkpoint")
+        if interrupted:
+            run.log_params({"interrupted_at_step": steps[-1]["step"] if steps else start})
+        accelerator.wait_for_everyone()
+        return {
+            "run_id": run.run_id,
+            "checkpoint": str(final or last_ckpt) if (final or last_ckpt) else None,
+            "steps": steps,
+            "interrupted": interrupted,
+            "algo": cfg.algorithm.name,
+            "group_size": n,
+            "start_step": start,
+        }
+
+
+def _save(trainer: RLTrainer, acc: Any, out: Path, step: int, order: DataOrder) -> Path:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        trainer.save(out, {"step": step, "data": order.state()})
+    acc.wait_for_everyone()
+    return out
+
+
+def _progress_bar(enabled: bool, total: int, done: int) -> tuple[Any, Any]:
+    if not enabled:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sr1.cli.common import err_console
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+    )
+    bar.start()
+    return bar, bar.add_task("train", total=total, completed=done)
+
+
+def steps_per_second(steps: Sequence[dict[str, float]]) -> float:
+    """Mean seconds per step over a run's step metrics (for notes and benchmarks)."""
+    xs = [s["time/step_s"] for s in steps if "time/step_s" in s]
+    return sum(xs) / len(xs) if xs else math.nan
