@@ -203,7 +203,17 @@ class TrainerConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     grad_clip: float = opt(1.0, "Max gradient norm.")
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory.")
+    reuse_old_logprobs: bool = opt(
+        True,
+        "With one on-policy update per batch (ppo_epochs 1, mini_batch_size >= batch), take the "
+        "old log-probs from the update's own forward instead of a separate pass.",
+    )
     lora_rank: int = opt(0, "LoRA rank (0 = full fine-tuning).")
+    freeze_layers: int = opt(
+        0,
+        "Freeze the embeddings and the first N decoder layers (sft and RL): the backward stops "
+        "there, ~1.9x tokens/s on SmolLM2-135M with 20 of 30 frozen on CPU. 0 = train all.",
+    )
     lora_alpha: int = opt(32, "LoRA alpha.")
     save_every: int = opt(10, "Checkpoint every N steps (and at the end).")
     sft_epochs: int = opt(2, "SFT warm-start epochs.")
@@ -238,6 +248,19 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class QuickstartConfig:
+    synth_seed: int = opt(0, "Seed of the synthetic world.")
+    synth_entities: int = opt(300, "Entities in the synthetic world.")
+    synth_train: int = opt(800, "Synthetic training questions (at most).")
+    synth_dev: int = opt(50, "Synthetic dev questions.")
+    synth_test: int = opt(200, "Synthetic test questions (eval.limit of them are evaluated).")
+    baselines: list[str] = opt(
+        ["direct", "rag", "search"], "Methods evaluated on the untrained model."
+    )
+    algo: str = opt("grpo", "RL algorithm run from the SFT checkpoint.")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -247,6 +270,7 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

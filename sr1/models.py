@@ -234,3 +234,33 @@ def model_fingerprint(name: str) -> dict[str, Any]:
     if meta.is_file():
         info.update(json.loads(meta.read_text()))
     return info
+
+
+def freeze_lower_layers(model: Any, n_layers: int) -> int:
+    """Freeze the input embeddings and the first ``n_layers`` decoder layers of ``model``.
+
+    The backward pass then stops at the first trainable layer, so training costs roughly
+    ``(L - n_layers) / L`` of the full backward (on SmolLM2-135M, 20 of 30 frozen: ~1.9x the
+    tokens/s on 2 CPU cores). With tied embeddings the output head is frozen too. Works on plain
+    HF models and peft-wrapped ones (LoRA adapters in frozen layers stay frozen). Returns the
+    number of parameters frozen; 0 does nothing.
+    """
+    if n_layers <= 0:
+        return 0
+    import re
+
+    n_total = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    if n_total and n_layers >= n_total:
+        raise Sr1Error(
+            f"trainer.freeze_layers={n_layers} freezes every layer of a {n_total}-layer model",
+            hint=f"use at most {n_total - 1}",
+        )
+    layer = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    frozen = 0
+    for name, p in model.named_parameters():
+        m = layer.search(name)
+        lower = (m is not None and int(m.group(1)) < n_layers) or "embed_tokens" in name
+        if lower and p.requires_grad:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen

@@ -48,4 +48,6 @@ class Retriever(Protocol):
 
 def format_passages(passages: Sequence[Passage]) -> str:
     """Search-R1's observation text: ``Doc i(Title: T) text`` lines, i from 1."""
-    return "\n".join(f"Doc {i}(Title: {p.title}) {p.text}" for i, p in enumerate(passages, 1)) + "\n"
+    return (
+        "\n".join(f"Doc {i}(Title: {p.title}) {p.text}" for i, p in enumerate(passages, 1)) + "\n"
+    )

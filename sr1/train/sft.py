@@ -142,6 +142,7 @@ def sft(
                 task_type="CAUSAL_LM",
             ),
         )
+    models.freeze_lower_layers(policy, t.freeze_layers)
     if t.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()

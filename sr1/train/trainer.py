@@ -184,6 +184,7 @@ class RLTrainer:
                     task_type="CAUSAL_LM",
                 )
                 policy = get_peft_model(policy, lcfg)
+        models.freeze_lower_layers(policy, cfg.trainer.freeze_layers)
         gc_kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
         if cfg.trainer.gradient_checkpointing:
             policy.gradient_checkpointing_enable(**gc_kwargs)
@@ -240,19 +241,30 @@ class RLTrainer:
         assert self.ref is not None
         return batched_logprobs(self.ref, batch, mbs)[0]
 
+    def _single_update(self, n: int) -> bool:
+        """Whether a batch of ``n`` trajectories gets exactly one optimiser update."""
+        return self.tcfg.ppo_epochs == 1 and self.tcfg.mini_batch_size >= n
+
     def prepare_batch(self, trajs: Sequence[Trajectory]) -> TrainBatch:
         """Padded batch with old/ref log-probs, values, returns and advantages filled, all
         ``(B, R)``; the preparation metrics are in ``self.prep_metrics``."""
         batch = collate(trajs, self.pad_id, use_mask=self.acfg.use_mask)
         mbs = self.tcfg.micro_batch_size
         mask = batch.response_mask
-        batch.old_logprobs, _ = batched_logprobs(self.model, batch, mbs)
         batch.ref_logprobs = self._ref_logprobs(batch)
+        needs_old = not self._single_update(len(batch)) or (
+            batch.ref_logprobs is not None and self.acfg.kl_in_reward
+        )
+        # One on-policy update per batch: the policy that sampled is the one being updated, so
+        # the old log-probs are the update's own (detached) log-probs and the extra forward
+        # pass is skipped (trainer.reuse_old_logprobs; ~1/3 of the training compute here).
+        if needs_old or not self.tcfg.reuse_old_logprobs:
+            batch.old_logprobs, _ = batched_logprobs(self.model, batch, mbs)
         if self.critic is not None:
             batch.values = batched_values(self.acc.unwrap_model(self.critic), batch, mbs)
         token_rewards = core.place_outcome_reward(batch.scores, mask)  # (B, R)
         m: dict[str, float] = {}
-        if batch.ref_logprobs is not None:
+        if batch.ref_logprobs is not None and batch.old_logprobs is not None:
             kl = core.kl_penalty(
                 batch.old_logprobs, batch.ref_logprobs, mask, self.acfg.kl_estimator
             )
@@ -263,10 +275,11 @@ class RLTrainer:
             self.adv_name, token_rewards, mask, self.acfg, index=batch.index, values=batch.values
         )
         m["actor/adv_abs_mean"] = float(core.masked_mean(batch.advantages.abs(), mask))
-        # how far the engine's sampling log-probs are from the trainer's recomputation
-        m["actor/engine_logprob_diff"] = float(
-            core.masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
-        )
+        if batch.old_logprobs is not None:
+            # how far the engine's sampling log-probs are from the trainer's recomputation
+            m["actor/engine_logprob_diff"] = float(
+                core.masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
+            )
         self.prep_metrics = m
         return batch
 
@@ -274,14 +287,21 @@ class RLTrainer:
         a = self.acfg
         mask = mb.response_mask
         lp, ent = response_forward(self.policy, mb, with_entropy=True)
-        assert ent is not None and mb.old_logprobs is not None and mb.advantages is not None
-        loss, m = core.policy_loss(
-            a.policy_loss, lp, mb.old_logprobs, mb.advantages, mask, a, denom
-        )
+        assert ent is not None and mb.advantages is not None
+        old = mb.old_logprobs
+        if old is None:  # single on-policy update (see prepare_batch): ratio is exactly 1
+            old = lp.detach()
+        loss, m = core.policy_loss(a.policy_loss, lp, old, mb.advantages, mask, a, denom)
+        if mb.old_logprobs is None:
+            m["actor/engine_logprob_diff"] = float(
+                core.masked_mean((old - mb.rollout_logprobs).abs(), mask)
+            )
         if mb.ref_logprobs is not None and not a.kl_in_reward:
             kl, km = core.kl_loss(lp, mb.ref_logprobs, mask, a.kl_estimator, a.loss_agg, denom)
             loss = loss + a.kl_coef * kl
             m.update(km)
+            if mb.old_logprobs is None:  # on-policy: the current policy is the sampling one
+                m["actor/kl"] = km["actor/kl_loss"]
         e, em = core.entropy_bonus(ent, mask, a.loss_agg, denom)
         m.update(em)
         if a.entropy_coef:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sr1.algos import core
-from sr1.errors import ConfigError, NotFoundError
+from sr1.errors import ConfigError, NotFoundError, Sr1Error
 from sr1.train.batch import batched_logprobs, collate, response_forward
 from sr1.train.trainer import RLTrainer
 
@@ -63,7 +63,7 @@ def test_old_logprobs_match_an_unpadded_forward(tiny_qwen2):
 
 def test_inserted_tokens_cannot_change_the_update(tiny_qwen2):
     """Advantages/old log-probs at inserted (mask-0) positions have no effect on gradients."""
-    cfg = tiny_cfg("grpo", "trainer.mini_batch_size=8")
+    cfg = tiny_cfg("grpo", "trainer.mini_batch_size=8", "trainer.reuse_old_logprobs=false")
     tr = RLTrainer(cfg, model_path=tiny_qwen2)
     b1 = tr.prepare_batch(hand_trajectories(tr.tokenizer))
     b2 = tr.prepare_batch(hand_trajectories(tr.tokenizer))
@@ -119,3 +119,31 @@ def test_unknown_names_list_valid(tiny_qwen2):
         RLTrainer(tiny_cfg("dpo"), model_path=tiny_qwen2)
     with pytest.raises(NotFoundError, match="k1, k2, k3"):
         RLTrainer(tiny_cfg("grpo", "algorithm.kl_estimator=k9"), model_path=tiny_qwen2)
+
+
+def test_reused_old_logprobs_give_the_same_update(tiny_qwen2):
+    """One on-policy update: old log-probs from the update's own forward equal a separate pass."""
+    after = []
+    for reuse in ("true", "false"):
+        tr = RLTrainer(
+            tiny_cfg("grpo", "trainer.mini_batch_size=8", f"trainer.reuse_old_logprobs={reuse}"),
+            model_path=tiny_qwen2,
+        )
+        tr.step_on(hand_trajectories(tr.tokenizer, n_prompts=2))
+        after.append(_snapshot(tr.policy))
+    for n in after[0]:
+        torch.testing.assert_close(after[0][n], after[1][n], atol=2e-5, rtol=1e-3)
+
+
+def test_freeze_layers_trains_only_the_upper_layers(tiny_qwen2):
+    tr = RLTrainer(
+        tiny_cfg("grpo", "trainer.mini_batch_size=8", "trainer.freeze_layers=1"),
+        model_path=tiny_qwen2,
+    )
+    names = {n for n, p in tr.policy.named_parameters() if p.requires_grad}
+    assert names and all("layers.1." in n or n.startswith("model.norm") for n in names)
+    before = _snapshot(tr.policy)
+    tr.step_on(hand_trajectories(tr.tokenizer, n_prompts=2))
+    assert not _unchanged(before, tr.policy)
+    with pytest.raises(Sr1Error, match="freezes every layer"):
+        RLTrainer(tiny_cfg("grpo", "trainer.freeze_layers=2"), model_path=tiny_qwen2)

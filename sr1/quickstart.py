@@ -1,0 +1,207 @@
+"""``sr1 quickstart``: the embedded default end to end, as ordinary runs, resumable by stage.
+
+Stages, in order (each one a normal run in MLflow and DuckDB that the other commands can use):
+
+``fetch`` the model → ``synth`` world → BM25 ``index`` → ``eval-<m>`` of the untrained model
+for each of ``quickstart.baselines`` → ``sft`` warm-start → ``eval-sft`` (search) →
+``train`` (``quickstart.algo`` from the SFT checkpoint) → ``eval-rl`` (search) → the report.
+
+What each finished stage produced (run id, checkpoint) is kept in
+``$SR1_HOME/quickstart/<config hash>/state.json``, written atomically after every stage, so
+re-running with the same config skips finished stages and an interrupted quickstart continues
+where it stopped; a changed config gets its own state (nothing stale is reused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sr1 import paths
+from sr1.config import ExperimentConfig, to_dict
+from sr1.io import write_json_atomic
+from sr1.tracking.mlflow_log import tracking_uri
+
+# (stage, what it does) in execution order; eval-<baseline> stages are inserted after index.
+FIXED_HEAD = [
+    ("fetch", "fetch the model"),
+    ("synth", "build the synthetic world"),
+    ("index", "build the BM25 index"),
+]
+FIXED_TAIL = [
+    ("sft", "SFT warm-start on gold search trajectories"),
+    ("eval-sft", "evaluate the SFT model with search"),
+    ("train", "RL from the SFT checkpoint"),
+    ("eval-rl", "evaluate the RL model with search"),
+]
+
+Notify = Callable[[str, str, str], None]  # (stage, event: start|skip|done, detail)
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """Short hash of the resolved config: the identity of a quickstart's state."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def state_path(cfg: ExperimentConfig) -> Path:
+    return paths.home() / "quickstart" / config_hash(cfg) / "state.json"
+
+
+def stages(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """The stage names and descriptions this config runs, in order."""
+    base = [
+        (f"eval-{m}", f"evaluate the untrained model with {m}") for m in cfg.quickstart.baselines
+    ]
+    return FIXED_HEAD + base + FIXED_TAIL
+
+
+def _load_state(p: Path) -> dict[str, Any]:
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def quickstart(
+    cfg: ExperimentConfig,
+    fresh: bool = False,
+    progress: bool = True,
+    notify: Notify | None = None,
+) -> dict[str, Any]:
+    """Run (or finish) the quickstart for ``cfg``; returns the rows, the report and timings.
+
+    ``fresh`` forgets finished stages of this config. ``notify(stage, event, detail)`` is
+    called at every stage start, skip and end (the CLI prints from it).
+    """
+    from sr1 import models
+    from sr1.data.synth import synthesize
+    from sr1.eval.methods import get_method
+    from sr1.eval.runner import evaluate
+    from sr1.report.build import build_report
+    from sr1.retrieval.index import build_index
+    from sr1.train.sft import sft
+    from sr1.train.trainer import ALGOS, train
+
+    q = cfg.quickstart
+    for m in q.baselines:
+        get_method(m)  # unknown names fail before any work
+    ALGOS.get(q.algo)
+    model = cfg.model.name
+    index = cfg.retrieval.index
+    sp = state_path(cfg)
+    state = {} if fresh else _load_state(sp)
+    note = notify or (lambda stage, event, detail: None)
+
+    def save() -> None:
+        write_json_atomic(sp, state)
+
+    def eval_stage(m: str, name: str, **where: Any) -> dict[str, Any]:
+        r = evaluate(
+            datasets=["synth"],
+            method=m,
+            index=index,
+            cfg=cfg,
+            progress=progress,
+            run_name=name,
+            fresh=True,
+            **where,
+        )
+        return {"run_id": r["run_id"], "method": m}
+
+    actions: dict[str, Callable[[], dict[str, Any]]] = {
+        "fetch": lambda: {"path": str(models.fetch(model))},
+        "synth": lambda: {
+            k: v
+            for k, v in synthesize(
+                seed=q.synth_seed,
+                n_entities=q.synth_entities,
+                n_train=q.synth_train,
+                n_dev=q.synth_dev,
+                n_test=q.synth_test,
+            ).items()
+            if k in ("passages", "questions", "two_hop", "corpus")
+        },
+        "index": lambda: {
+            "manifest_sha256": build_index(index, cfg=cfg.retrieval, progress=progress).get(
+                "manifest_sha256"
+            )
+        },
+        "sft": lambda: {
+            k: str(v) if k == "checkpoint" else v
+            for k, v in sft(cfg, model, index, dataset="synth", progress=progress).items()
+            if k in ("run_id", "checkpoint", "n_examples", "final_loss")
+        },
+        "eval-sft": lambda: eval_stage(
+            "search", f"sft+search ({model})", model=state["sft"]["checkpoint"]
+        ),
+        "train": lambda: {
+            k: str(v) if k == "checkpoint" else v
+            for k, v in train(cfg, q.algo, state["sft"]["checkpoint"], progress=progress).items()
+            if k in ("run_id", "checkpoint")
+        },
+        "eval-rl": lambda: eval_stage(
+            "search", f"sft+{q.algo}+search ({model})", run=state["train"]["run_id"]
+        ),
+    }
+    for m in q.baselines:
+        actions[f"eval-{m}"] = lambda m=m: eval_stage(m, f"{m} ({model})", model=model)
+
+    t_all = time.perf_counter()
+    for name, desc in stages(cfg):
+        if name in state:
+            note(name, "skip", desc)
+            continue
+        note(name, "start", desc)
+        t0 = time.perf_counter()
+        out = actions[name]()
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        state[name] = out
+        save()
+        note(name, "done", f"{desc} ({out['seconds']} s)")
+
+    eval_stages = [n for n, _ in stages(cfg) if n.startswith("eval-")]
+    run_ids = [state[n]["run_id"] for n in eval_stages]
+    report = build_report(
+        run_ids, baseline=state[f"eval-{q.baselines[-1]}"]["run_id"] if q.baselines else None
+    )
+    return {
+        "rows": summary_rows(report, state, eval_stages),
+        "report": report,
+        "seconds": {n: state[n]["seconds"] for n, _ in stages(cfg)},
+        "seconds_this_call": round(time.perf_counter() - t_all, 1),
+        "state": str(sp),
+        "train_run": state["train"]["run_id"],
+        "sft_run": state["sft"]["run_id"],
+        "mlflow_uri": tracking_uri(cfg.tracking.mlflow_uri),
+        "duckdb": str(paths.duckdb_path()),
+    }
+
+
+def summary_rows(
+    report: dict[str, Any], state: dict[str, Any], eval_stages: list[str]
+) -> list[dict[str, Any]]:
+    """One row per evaluated model/method: method, model, EM overall and by hops, searches."""
+    by_run = {r["run_id"]: r for r in report["rows"]}
+    hops = {(h["run_id"], h["group"]): h for h in report["search_by_hops"]}
+    search = {s["run_id"]: s for s in report["search_by_dataset"] if s["dataset"] == "synth"}
+    out = []
+    for st in eval_stages:
+        rid = state[st]["run_id"]
+        row = by_run[rid]
+        stage_model = {"eval-sft": "sft", "eval-rl": "sft+rl"}.get(st, "untrained")
+        out.append(
+            {
+                "stage": st,
+                "method": state[st]["method"],
+                "model": stage_model,
+                "em": row["values"].get("synth"),
+                "em_single_hop": (hops.get((rid, "single")) or {}).get("em"),
+                "em_two_hop": (hops.get((rid, "multi")) or {}).get("em"),
+                "searches_per_question": (search.get(rid) or {}).get("searches_mean"),
+                "n": (search.get(rid) or {}).get("n"),
+                "run_id": rid,
+            }
+        )
+    return out
