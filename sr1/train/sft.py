@@ -14,6 +14,7 @@ the masked token-mean NLL over policy tokens only (the same :func:`agg_loss`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,8 +29,10 @@ from sr1.train.batch import collate, response_forward
 from sr1.train.checkpoint import save_checkpoint
 
 FIRST_THINK = "<think> I need to find {q}. </think>\n<search> {q} </search>"
-NEXT_THINK = "<think> Next I need {q}. </think>\n<search> {q} </search>"
-ANSWER = "<think> The documents give the answer. </think>\n<answer> {a} </answer>"
+NEXT_THINK = "<think> {evidence} Next I need {q}. </think>\n<search> {q} </search>"
+ANSWER = "<think> {evidence} </think>\n<answer> {a} </answer>"
+NO_EVIDENCE = "The documents do not say it directly."
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def gold_queries(row: dict[str, Any], max_turns: int) -> list[str]:
@@ -41,10 +44,32 @@ def gold_queries(row: dict[str, Any], max_turns: int) -> list[str]:
     return [str(q).strip() for q in qs if str(q).strip()][:max_turns]
 
 
+def evidence(passages: Sequence[Any], targets: Sequence[str]) -> tuple[str, str | None]:
+    """The first sentence of the retrieved ``passages`` that mentions one of ``targets``, and
+    that target (case-insensitive); ``(NO_EVIDENCE, None)`` when none does.
+
+    Quoting the sentence before answering shows a small model *where* the answer is (the
+    synthetic world's bridge entity for a first hop, the gold answer for the last one).
+    """
+    for p in passages:
+        for sent in _SENTENCE.split(p.text):
+            low = sent.lower()
+            for t in targets:
+                if t and t.lower() in low:
+                    return sent.strip(), t
+    return NO_EVIDENCE, None
+
+
 def gold_trajectory(
     row: dict[str, Any], tokenizer: Any, retriever: Any, cfg: ExperimentConfig
 ) -> Trajectory:
-    """A well-formed trajectory for ``row`` with real retrieval (mask 0 on inserted blocks)."""
+    """A well-formed trajectory for ``row`` with real retrieval (mask 0 on inserted blocks).
+
+    Policy turns: ``<think> I need to find q1 </think><search> q1 </search>``; after each
+    information block, a think that quotes the retrieved sentence holding the next step's key
+    (``metadata["bridge"]`` before the next search, a gold answer before answering), then the
+    next search or ``<answer> gold </answer>``.
+    """
     from sr1.rollout.loop import observation_ids
 
     enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -63,20 +88,35 @@ def gold_trajectory(
         t.loss_mask.extend([int(sampled)] * len(ids))
         t.logprobs.extend([0.0] * len(ids))
 
-    for i, q in enumerate(gold_queries(row, cfg.rollout.max_turns)):
-        turn = (FIRST_THINK if i == 0 else NEXT_THINK).format(q=q)
+    meta = row.get("metadata") or {}
+    bridge = [str(meta["bridge"])] if meta.get("bridge") else []
+    golds = [str(a) for a in row["golden_answers"]]
+    queries = gold_queries(row, cfg.rollout.max_turns)
+    passages: list[Any] = []
+    turn = ""
+    for i, q in enumerate(queries):
+        if i == 0:
+            turn = FIRST_THINK.format(q=q)
+        else:
+            turn = NEXT_THINK.format(q=q, evidence=evidence(passages, bridge or golds)[0])
         add(enc(turn), True)
         passages = retriever.search([q], k=cfg.rollout.topk)[0]
         add(observation_ids(tokenizer, passages, cfg.rollout.max_obs_length, turn), False)
         t.queries.append(q)
         t.retrieved_ids.append([p.id for p in passages])
         t.num_searches += 1
-    final = enc(ANSWER.format(a=row["golden_answers"][0]))
+    # longest gold first, so "Poste River" is preferred to "Poste" when the text has both
+    sent, found = evidence(passages, sorted(golds, key=len, reverse=True))
+    answer = found if found is not None else golds[0]
+    if found is not None:  # the answer as the passage spells it
+        k = sent.lower().index(found.lower())
+        answer = sent[k : k + len(found)]
+    final = enc(ANSWER.format(evidence=sent, a=answer))
     if tokenizer.eos_token_id is not None:
         final.append(int(tokenizer.eos_token_id))
     add(final, True)
     t.text = tokenizer.decode(t.response_ids, skip_special_tokens=False)
-    t.answer = str(row["golden_answers"][0])
+    t.answer = answer
     t.reward = 1.0
     return t
 

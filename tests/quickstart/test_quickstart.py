@@ -35,6 +35,7 @@ TINY = [
     "trainer.save_every=1",
     "trainer.sft_examples=8",
     "trainer.sft_epochs=1",
+    "trainer.freeze_layers=1",
 ]
 
 

@@ -49,7 +49,21 @@ def test_gold_trajectory_masks_information_tokens(tiny_qwen2, tmp_path):
         "<think> I need to find who founded Qelm. </think>\n<search> who founded Qelm </search>",
     )
     answer = tok.decode(spans[4][1])
-    assert answer.endswith("<answer> Miredal </answer>" + tok.eos_token)
+    # the last think quotes the retrieved sentence that holds the answer, then answers
+    assert answer == (
+        "<think> Anra Voss was an explorer born in the port town of Miredal. </think>\n"
+        "<answer> Miredal </answer>" + tok.eos_token
+    )
+
+
+def test_evidence_picks_the_sentence_with_the_target():
+    from sr1.retrieval.base import Passage
+    from sr1.train.sft import NO_EVIDENCE, evidence
+
+    ps = [Passage("1", '"A"\nAlpha is old. It lies on the Poste River.'), Passage("2", '"B"\nB.')]
+    assert evidence(ps, ["Poste River", "Poste"]) == ("It lies on the Poste River.", "Poste River")
+    assert evidence(ps, ["poste"]) == ("It lies on the Poste River.", "poste")
+    assert evidence(ps, ["Nowhere"]) == (NO_EVIDENCE, None)
 
 
 def test_sft_run_lowers_the_masked_loss(tiny_qwen2, tmp_path):
