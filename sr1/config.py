@@ -67,7 +67,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class RetrievalConfig:
     index: str = opt(
-        "synth", "Index name (sr1 index list) or an http(s) URL of a /retrieve server."
+        "wiki18",
+        "Index name (sr1 index list) or an http(s) URL of a /retrieve server; the benchmarks "
+        "use wiki18 (build it with `sr1 index build wiki18 --corpus-file PATH`).",
     )
     retriever: str = opt("bm25", "bm25 or dense.")
     topk: int = opt(3, "Passages returned per query.")
