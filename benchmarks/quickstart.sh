@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SR1=${SR1:-.venv/bin/sr1}
 home=${SR1_BENCH_HOME:-$(mktemp -d)}
+mkdir -p "$home"
 [ -n "${SR1_BENCH_HOME:-}" ] || trap 'rm -rf "$home"' EXIT
 start=$(date +%s.%N)
 SR1_HOME="$home" "$SR1" quickstart --fresh --json "$@" > "$home/quickstart.json"

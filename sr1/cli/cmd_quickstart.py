@@ -85,7 +85,7 @@ def quickstart_cmd(
             {k: res[k] for k in ("rows", "seconds", "train_run", "sft_run", "mlflow_uri", "duckdb")}
         )
         return
-    for t in render(res["report"], "rich"):
+    for t in render(res["report"], "table"):
         out_console.print(t)
     out_console.print(rows_table(res["rows"]))
     total = sum(res["seconds"].values())

@@ -76,6 +76,10 @@ def test_reduced_quickstart_end_to_end_and_rerun_skips(sr1_home: Path) -> None:
     again = _run(args)  # everything finished: no stage reruns, the same rows come back
     assert [r["run_id"] for r in again["rows"]] == [r["run_id"] for r in rows]
     assert again["seconds"] == out["seconds"]
+    shown = CliRunner().invoke(app, [a for a in args if a != "--json"])  # the rich tables
+    assert shown.exit_code == 0, shown.output
+    assert "quickstart: synthetic test split" in shown.stdout and "mlflow ui" in shown.stdout
+    assert "finished earlier, skipped" in shown.output
 
 
 def test_quickstart_rejects_unknown_baseline_before_any_work(

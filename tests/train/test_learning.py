@@ -64,4 +64,4 @@ def test_grpo_raises_the_reward_after_sft(tiny_qwen2, tmp_path):
     print("sft loss:", [round(s["sft/loss"], 2) for s in warm["steps"]])
     print("reward per step:", [round(x, 2) for x in r])
     assert 0.05 < first < 0.6, r  # the warm-started model answers Qelm sometimes, not always
-    assert last > first + 0.3, r
+    assert last > first + 0.25, r
