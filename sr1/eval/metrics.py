@@ -10,6 +10,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from sr1.data.datasets import BENCHMARKS
+
 # Single- vs multi-hop grouping of the seven Search-R1 benchmarks (search-behaviour tables).
 HOPS: dict[str, str] = {
     "nq": "single",
@@ -22,15 +24,7 @@ HOPS: dict[str, str] = {
 }
 
 # Column order of the paper's Table 2; other datasets (synth, custom) follow alphabetically.
-PAPER_ORDER: list[str] = [
-    "nq",
-    "triviaqa",
-    "popqa",
-    "hotpotqa",
-    "2wikimultihopqa",
-    "musique",
-    "bamboogle",
-]
+PAPER_ORDER: list[str] = list(BENCHMARKS)
 
 # Metrics averaged over datasets for the "avg" entry (macro average, as in the paper).
 AVERAGED = ("em", "cover_em", "f1", "answer_in_docs", "searches_mean")
