@@ -60,6 +60,11 @@ def stages(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     return FIXED_HEAD + base + FIXED_TAIL
 
 
+def _pick(result: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """The JSON-able part of a stage's result kept in the state file (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in result.items() if k in keys}
+
+
 def _load_state(p: Path) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.is_file() else {}
 
@@ -112,35 +117,39 @@ def quickstart(
 
     actions: dict[str, Callable[[], dict[str, Any]]] = {
         "fetch": lambda: {"path": str(models.fetch(model))},
-        "synth": lambda: {
-            k: v
-            for k, v in synthesize(
+        "synth": lambda: _pick(
+            synthesize(
                 seed=q.synth_seed,
                 n_entities=q.synth_entities,
                 n_train=q.synth_train,
                 n_dev=q.synth_dev,
                 n_test=q.synth_test,
-            ).items()
-            if k in ("passages", "questions", "two_hop", "corpus")
-        },
+            ),
+            "passages",
+            "questions",
+            "two_hop",
+            "corpus",
+        ),
         "index": lambda: {
             "manifest_sha256": build_index(index, cfg=cfg.retrieval, progress=progress).get(
                 "manifest_sha256"
             )
         },
-        "sft": lambda: {
-            k: str(v) if k == "checkpoint" else v
-            for k, v in sft(cfg, model, index, dataset="synth", progress=progress).items()
-            if k in ("run_id", "checkpoint", "n_examples", "final_loss")
-        },
+        "sft": lambda: _pick(
+            sft(cfg, model, index, dataset="synth", progress=progress),
+            "run_id",
+            "checkpoint",
+            "n_examples",
+            "final_loss",
+        ),
         "eval-sft": lambda: eval_stage(
             "search", f"sft+search ({model})", model=state["sft"]["checkpoint"]
         ),
-        "train": lambda: {
-            k: str(v) if k == "checkpoint" else v
-            for k, v in train(cfg, q.algo, state["sft"]["checkpoint"], progress=progress).items()
-            if k in ("run_id", "checkpoint")
-        },
+        "train": lambda: _pick(
+            train(cfg, q.algo, state["sft"]["checkpoint"], progress=progress),
+            "run_id",
+            "checkpoint",
+        ),
         "eval-rl": lambda: eval_stage(
             "search", f"sft+{q.algo}+search ({model})", run=state["train"]["run_id"]
         ),
