@@ -205,6 +205,13 @@ class TrainerConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     grad_clip: float = opt(1.0, "Max gradient norm.")
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory.")
+    mixed_precision: str = opt(
+        "auto",
+        "Autocast for the training forward passes (sft and RL): bf16, no, or auto (none, unless "
+        "`accelerate launch --mixed_precision` applies its own; use that for fp16). Weights "
+        "and optimiser state stay in model.dtype; log-probs are taken in fp32. bf16: ~1.5x "
+        "tokens/s for SmolLM2-135M on a CPU with AVX512-BF16.",
+    )
     reuse_old_logprobs: bool = opt(
         True,
         "With one on-policy update per batch (ppo_epochs 1, mini_batch_size >= batch), take the "

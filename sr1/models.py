@@ -6,6 +6,7 @@ GPU cluster. Devices and dtypes come from :class:`sr1.config.ModelConfig`, never
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shutil
@@ -264,3 +265,25 @@ def freeze_lower_layers(model: Any, n_layers: int) -> int:
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
+
+
+MIXED_PRECISION = {"auto": None, "no": None, "bf16": "bfloat16"}
+
+
+def autocast(mixed_precision: str, device: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for ``trainer.mixed_precision`` on ``device``: ``bf16`` runs matmuls
+    in bfloat16 while weights, gradients and optimiser state stay in the model's dtype; ``no``
+    and ``auto`` (Accelerate's own autocast under ``accelerate launch --mixed_precision``) are
+    no-ops. fp16 needs a gradient scaler: use ``accelerate launch --mixed_precision fp16``."""
+    import torch
+
+    if mixed_precision not in MIXED_PRECISION:
+        raise Sr1Error(
+            f"trainer.mixed_precision={mixed_precision!r} is not one of "
+            f"{', '.join(MIXED_PRECISION)}",
+            hint="fp16 with a gradient scaler: accelerate launch --mixed_precision fp16 …",
+        )
+    dtype = MIXED_PRECISION[mixed_precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))

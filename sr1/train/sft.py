@@ -33,6 +33,8 @@ NEXT_THINK = "<think> {evidence} Next I need {q}. </think>\n<search> {q} </searc
 ANSWER = "<think> {evidence} </think>\n<answer> {a} </answer>"
 NO_EVIDENCE = "The documents do not say it directly."
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_CLAUSE = re.compile(r"[,;]\s+")
+_RELATIVE = re.compile(r"(where|which|who|whose|when)\b")
 
 
 def gold_queries(row: dict[str, Any], max_turns: int) -> list[str]:
@@ -45,18 +47,26 @@ def gold_queries(row: dict[str, Any], max_turns: int) -> list[str]:
 
 
 def evidence(passages: Sequence[Any], targets: Sequence[str]) -> tuple[str, str | None]:
-    """The first sentence of the retrieved ``passages`` that mentions one of ``targets``, and
+    """The first clause of the retrieved ``passages`` that mentions one of ``targets``, and
     that target (case-insensitive); ``(NO_EVIDENCE, None)`` when none does.
 
-    Quoting the sentence before answering shows a small model *where* the answer is (the
-    synthetic world's bridge entity for a first hop, the gold answer for the last one).
+    A clause is a comma-separated part of a sentence, extended by a following relative clause
+    ("…settling in Rothaith, where he lives today."), so the quote keeps the words that say
+    which relation the target is in while staying short: a policy turn that quotes it must fit
+    in ``rollout.max_response_length``. Quoting it before answering shows a small model
+    *where* the answer is (the synthetic world's bridge entity for a first hop, the gold answer
+    for the last one).
     """
     for p in passages:
         for sent in _SENTENCE.split(p.text):
-            low = sent.lower()
-            for t in targets:
-                if t and t.lower() in low:
-                    return sent.strip(), t
+            parts = [c.strip() for c in _CLAUSE.split(sent.strip().rstrip(".!?"))]
+            for i, part in enumerate(parts):
+                low = part.lower()
+                for t in targets:
+                    if t and t.lower() in low:
+                        if i + 1 < len(parts) and _RELATIVE.match(parts[i + 1]):
+                            part = f"{part}, {parts[i + 1]}"
+                        return part[:1].upper() + part[1:] + ".", t
     return NO_EVIDENCE, None
 
 
@@ -155,6 +165,7 @@ def sft(
     t = cfg.trainer
     base = models.resolve(model)
     dev = models.pick_device(cfg.model.device)
+    models.autocast(t.mixed_precision, dev)  # an unknown mode fails here, before any work
     tok = models.load_tokenizer(base, cfg.model.revision)
     torch.manual_seed(t.seed)
     if rows is None:
@@ -224,7 +235,8 @@ def sft(
                     total = 0.0
                     for i in range(0, len(idx), t.micro_batch_size):
                         mb = batch.select(idx[i : i + t.micro_batch_size]).to(dev)
-                        lp, _ = response_forward(policy, mb)
+                        with models.autocast(t.mixed_precision, dev):
+                            lp, _ = response_forward(policy, mb)
                         loss = core.agg_loss(-lp, mb.response_mask, "token-mean", denom)
                         loss.backward()
                         total += float(loss.detach())

@@ -110,6 +110,14 @@ class DataOrder:
 
 
 # -- the update machinery ------------------------------------------------------------------------
+def make_accelerator(cfg: ExperimentConfig) -> Any:
+    """The Accelerate ``Accelerator`` for ``cfg`` (CPU when ``model.device`` resolves to it;
+    mixed precision is ``accelerate launch``'s, see :func:`sr1.models.autocast`)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=models.pick_device(cfg.model.device) == "cpu")
+
+
 def _chunks(idx: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
     for i in range(0, len(idx), size):
         yield idx[i : i + size]
@@ -150,12 +158,11 @@ class RLTrainer:
         core.POLICY_LOSSES.get(cfg.algorithm.policy_loss)
         core.KL_ESTIMATORS.get(cfg.algorithm.kl_estimator)
         core.LOSS_AGG_MODES.get(cfg.algorithm.loss_agg)
+        models.autocast(cfg.trainer.mixed_precision, "cpu")  # unknown mode: error now
         if self.tcfg.mini_batch_size < 1 or self.tcfg.micro_batch_size < 1:
             raise ConfigError("trainer.mini_batch_size and trainer.micro_batch_size must be >= 1")
         if accelerator is None:
-            from accelerate import Accelerator
-
-            accelerator = Accelerator(cpu=models.pick_device(cfg.model.device) == "cpu")
+            accelerator = make_accelerator(cfg)
         self.acc = accelerator
         self.base = model_path or models.resolve(cfg.model.name)
         dev = str(accelerator.device)
@@ -241,6 +248,10 @@ class RLTrainer:
         assert self.ref is not None
         return batched_logprobs(self.ref, batch, mbs)[0]
 
+    def autocast(self) -> Any:
+        """The forward passes' autocast context (``trainer.mixed_precision``)."""
+        return models.autocast(self.tcfg.mixed_precision, str(self.acc.device))
+
     def _single_update(self, n: int) -> bool:
         """Whether a batch of ``n`` trajectories gets exactly one optimiser update."""
         return self.tcfg.ppo_epochs == 1 and self.tcfg.mini_batch_size >= n
@@ -251,17 +262,18 @@ class RLTrainer:
         batch = collate(trajs, self.pad_id, use_mask=self.acfg.use_mask)
         mbs = self.tcfg.micro_batch_size
         mask = batch.response_mask
-        batch.ref_logprobs = self._ref_logprobs(batch)
-        needs_old = not self._single_update(len(batch)) or (
-            batch.ref_logprobs is not None and self.acfg.kl_in_reward
-        )
-        # One on-policy update per batch: the policy that sampled is the one being updated, so
-        # the old log-probs are the update's own (detached) log-probs and the extra forward
-        # pass is skipped (trainer.reuse_old_logprobs; ~1/3 of the training compute here).
-        if needs_old or not self.tcfg.reuse_old_logprobs:
-            batch.old_logprobs, _ = batched_logprobs(self.model, batch, mbs)
-        if self.critic is not None:
-            batch.values = batched_values(self.acc.unwrap_model(self.critic), batch, mbs)
+        with self.autocast():
+            batch.ref_logprobs = self._ref_logprobs(batch)
+            needs_old = not self._single_update(len(batch)) or (
+                batch.ref_logprobs is not None and self.acfg.kl_in_reward
+            )
+            # One on-policy update per batch: the policy that sampled is the one being updated,
+            # so the old log-probs are the update's own (detached) log-probs and the extra
+            # forward is skipped (trainer.reuse_old_logprobs; ~1/3 of the training compute).
+            if needs_old or not self.tcfg.reuse_old_logprobs:
+                batch.old_logprobs, _ = batched_logprobs(self.model, batch, mbs)
+            if self.critic is not None:
+                batch.values = batched_values(self.acc.unwrap_model(self.critic), batch, mbs)
         token_rewards = core.place_outcome_reward(batch.scores, mask)  # (B, R)
         m: dict[str, float] = {}
         if batch.ref_logprobs is not None and batch.old_logprobs is not None:
@@ -286,7 +298,8 @@ class RLTrainer:
     def _micro_loss(self, mb: TrainBatch, denom: float) -> tuple[torch.Tensor, dict[str, float]]:
         a = self.acfg
         mask = mb.response_mask
-        lp, ent = response_forward(self.policy, mb, with_entropy=True)
+        with self.autocast():
+            lp, ent = response_forward(self.policy, mb, with_entropy=True)
         assert ent is not None and mb.advantages is not None
         old = mb.old_logprobs
         if old is None:  # single on-policy update (see prepare_batch): ratio is exactly 1
@@ -308,7 +321,8 @@ class RLTrainer:
             loss = loss - a.entropy_coef * e
         if self.critic is not None:
             assert mb.values is not None and mb.returns is not None
-            v = value_forward(self.critic, mb)
+            with self.autocast():
+                v = value_forward(self.critic, mb)
             vl, vm = core.value_loss(
                 v, mb.values, mb.returns, mask, a.value_clip, a.loss_agg, denom
             )
@@ -512,8 +526,6 @@ def train(
     ignored). ``rows`` (with rendered ``prompt``) and ``retriever`` replace the configured
     training data and index, for library use and tests.
     """
-    from accelerate import Accelerator
-
     from sr1.retrieval import open_retriever
     from sr1.rollout.engines import make_engine
     from sr1.rollout.loop import run_rollouts
@@ -543,7 +555,7 @@ def train(
         )
     total = max_steps if max_steps is not None else cfg.trainer.max_steps
     n = cfg.rollout.n_samples
-    accelerator = Accelerator(cpu=models.pick_device(cfg.model.device) == "cpu")
+    accelerator = make_accelerator(cfg)
     trainer = RLTrainer(cfg, accelerator=accelerator, init_ckpt=init_ckpt)
     base = trainer.base
     if rows is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sr1.models import load_tokenizer
@@ -56,7 +57,7 @@ def test_gold_trajectory_masks_information_tokens(tiny_qwen2, tmp_path):
     )
 
 
-def test_evidence_picks_the_sentence_with_the_target():
+def test_evidence_picks_the_clause_with_the_target():
     from sr1.retrieval.base import Passage
     from sr1.train.sft import NO_EVIDENCE, evidence
 
@@ -64,14 +65,24 @@ def test_evidence_picks_the_sentence_with_the_target():
     assert evidence(ps, ["Poste River", "Poste"]) == ("It lies on the Poste River.", "Poste River")
     assert evidence(ps, ["poste"]) == ("It lies on the Poste River.", "poste")
     assert evidence(ps, ["Nowhere"]) == (NO_EVIDENCE, None)
+    # the comma-separated clause, with a following relative clause that names the relation
+    bio = "Born in Horar in 1946, Tabras studied in Bavshoth before settling in Rothaith, where he lives today."
+    ps = [Passage("3", f'"Tabras"\n{bio}')]
+    assert evidence(ps, ["Horar"]) == ("Born in Horar in 1946.", "Horar")
+    assert evidence(ps, ["Rothaith"]) == (
+        "Tabras studied in Bavshoth before settling in Rothaith, where he lives today.",
+        "Rothaith",
+    )
 
 
-def test_sft_run_lowers_the_masked_loss(tiny_qwen2, tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_sft_run_lowers_the_masked_loss(tiny_qwen2, tmp_path, precision):
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(tiny_qwen2)
     index = build_tiny_index(tmp_path)
-    cfg = tiny_cfg("grpo", "trainer.sft_lr=1e-2", "trainer.sft_epochs=3", "trainer.sft_examples=4")
+    cfg = tiny_cfg("grpo", "trainer.sft_lr=1e-2", "trainer.sft_epochs=3", "trainer.sft_examples=4",
+                   f"trainer.mixed_precision={precision}")  # fmt: skip
     res = sft(cfg, tiny_qwen2, index, progress=False, rows=rows(tok))
     losses = [s["sft/loss"] for s in res["steps"]]
     assert res["n_examples"] == 4 and len(losses) == 3  # 3 epochs of one 4-example mini-batch

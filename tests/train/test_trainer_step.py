@@ -147,3 +147,30 @@ def test_freeze_layers_trains_only_the_upper_layers(tiny_qwen2):
     assert not _unchanged(before, tr.policy)
     with pytest.raises(Sr1Error, match="freezes every layer"):
         RLTrainer(tiny_cfg("grpo", "trainer.freeze_layers=2"), model_path=tiny_qwen2)
+
+
+def test_bf16_autocast_trains_with_fp32_weights_and_logprobs(tiny_qwen2):
+    """trainer.mixed_precision=bf16: the forward runs in bfloat16 (log-probs move by bf16
+    rounding), weights and log-probs stay fp32, and every trainable parameter still moves."""
+    tr = RLTrainer(
+        tiny_cfg("grpo", "trainer.mini_batch_size=8", "trainer.mixed_precision=bf16"),
+        model_path=tiny_qwen2,
+    )
+    trajs = hand_trajectories(tr.tokenizer, n_prompts=2)
+    batch = collate(trajs, tr.pad_id)
+    fp32, _ = batched_logprobs(tr.policy, batch, 4)
+    with tr.autocast():
+        bf16, _ = batched_logprobs(tr.policy, batch, 4)
+    assert bf16.dtype == torch.float32
+    diff = (bf16 - fp32).abs()[batch.response_valid.bool()]
+    assert 0 < diff.max() < 0.1, diff.max()
+    before = _snapshot(tr.policy)
+    m = tr.step_on(trajs)
+    assert not _unchanged(before, tr.policy)
+    assert all(p.dtype == torch.float32 for p in tr.policy.parameters())
+    assert torch.isfinite(torch.tensor(m["actor/grad_norm"]))
+
+
+def test_unknown_mixed_precision_is_a_config_error(tiny_qwen2):
+    with pytest.raises(Sr1Error, match="mixed_precision='fp8'.*auto, no, bf16"):
+        RLTrainer(tiny_cfg("grpo", "trainer.mixed_precision=fp8"), model_path=tiny_qwen2)
