@@ -10,18 +10,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sr1.data.datasets import BENCHMARKS
-
-# Single- vs multi-hop grouping of the seven Search-R1 benchmarks (search-behaviour tables).
-HOPS: dict[str, str] = {
-    "nq": "single",
-    "triviaqa": "single",
-    "popqa": "single",
-    "hotpotqa": "multi",
-    "2wikimultihopqa": "multi",
-    "musique": "multi",
-    "bamboogle": "multi",
-}
+from sr1.data.datasets import BENCHMARKS, DATASETS
 
 # Column order of the paper's Table 2; other datasets (synth, custom) follow alphabetically.
 PAPER_ORDER: list[str] = list(BENCHMARKS)
@@ -37,13 +26,14 @@ def order_datasets(names: Iterable[str]) -> list[str]:
 
 
 def hop_group(dataset: str, row: Mapping[str, Any] | None = None) -> str:
-    """``single`` or ``multi`` for a dataset (or a row carrying ``hops``); ``unknown`` otherwise."""
+    """``single`` or ``multi`` for a row carrying ``hops``, else the dataset's registered kind
+    (``single``, ``multi``, ``mixed`` for the synthetic world); ``unknown`` for others."""
     if row is not None and row.get("hops") is not None:
         try:
             return "single" if int(row["hops"]) <= 1 else "multi"
         except (TypeError, ValueError):
             pass
-    return HOPS.get(dataset, "unknown")
+    return DATASETS.get(dataset).hops if dataset in DATASETS else "unknown"
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

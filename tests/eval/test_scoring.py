@@ -110,3 +110,13 @@ def test_answer_in_text_needs_whole_tokens() -> None:
     assert answer_in_text(docs, ["the capital"]) == 1.0
     assert answer_in_text(docs, ["Pari"]) == 0.0
     assert answer_in_text(docs, ["Berlin", "france"]) == 1.0
+
+
+def test_hop_groups_come_from_the_dataset_registry_or_the_row():
+    from sr1.eval.metrics import hop_group
+
+    assert [hop_group(d) for d in ("nq", "popqa", "hotpotqa", "bamboogle")] == [
+        "single", "single", "multi", "multi",
+    ]  # fmt: skip
+    assert hop_group("synth") == "mixed" and hop_group("my-own-set") == "unknown"
+    assert hop_group("synth", {"hops": 2}) == "multi" and hop_group("nq", {"hops": 1}) == "single"
