@@ -270,11 +270,9 @@ def freeze_lower_layers(model: Any, n_layers: int) -> int:
 MIXED_PRECISION = {"auto": None, "no": None, "bf16": "bfloat16"}
 
 
-def autocast(mixed_precision: str, device: str) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` for ``trainer.mixed_precision`` on ``device``: ``bf16`` runs matmuls
-    in bfloat16 while weights, gradients and optimiser state stay in the model's dtype; ``no``
-    and ``auto`` (Accelerate's own autocast under ``accelerate launch --mixed_precision``) are
-    no-ops. fp16 needs a gradient scaler: use ``accelerate launch --mixed_precision fp16``."""
+def mixed_precision_dtype(mixed_precision: str) -> Any:
+    """The autocast dtype of ``trainer.mixed_precision`` (None: no autocast of ours); an
+    unknown mode is an error listing the valid ones."""
     import torch
 
     if mixed_precision not in MIXED_PRECISION:
@@ -283,7 +281,18 @@ def autocast(mixed_precision: str, device: str) -> contextlib.AbstractContextMan
             f"{', '.join(MIXED_PRECISION)}",
             hint="fp16 with a gradient scaler: accelerate launch --mixed_precision fp16 …",
         )
-    dtype = MIXED_PRECISION[mixed_precision]
+    name = MIXED_PRECISION[mixed_precision]
+    return getattr(torch, name) if name is not None else None
+
+
+def autocast(mixed_precision: str, device: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for ``trainer.mixed_precision`` on ``device``: ``bf16`` runs matmuls
+    in bfloat16 while weights, gradients and optimiser state stay in the model's dtype; ``no``
+    and ``auto`` (Accelerate's own autocast under ``accelerate launch --mixed_precision``) are
+    no-ops. fp16 needs a gradient scaler: use ``accelerate launch --mixed_precision fp16``."""
+    import torch
+
+    dtype = mixed_precision_dtype(mixed_precision)
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -165,7 +165,7 @@ def sft(
     t = cfg.trainer
     base = models.resolve(model)
     dev = models.pick_device(cfg.model.device)
-    models.autocast(t.mixed_precision, dev)  # an unknown mode fails here, before any work
+    models.mixed_precision_dtype(t.mixed_precision)  # an unknown mode fails before any work
     tok = models.load_tokenizer(base, cfg.model.revision)
     torch.manual_seed(t.seed)
     if rows is None:

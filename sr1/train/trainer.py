@@ -158,7 +158,7 @@ class RLTrainer:
         core.POLICY_LOSSES.get(cfg.algorithm.policy_loss)
         core.KL_ESTIMATORS.get(cfg.algorithm.kl_estimator)
         core.LOSS_AGG_MODES.get(cfg.algorithm.loss_agg)
-        models.autocast(cfg.trainer.mixed_precision, "cpu")  # unknown mode: error now
+        models.mixed_precision_dtype(cfg.trainer.mixed_precision)
         if self.tcfg.mini_batch_size < 1 or self.tcfg.micro_batch_size < 1:
             raise ConfigError("trainer.mini_batch_size and trainer.micro_batch_size must be >= 1")
         if accelerator is None:
