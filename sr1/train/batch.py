@@ -128,10 +128,17 @@ def _trim(batch: TrainBatch) -> tuple[Tensor, Tensor, Tensor, int]:
 
 
 def response_forward(
-    model: torch.nn.Module, batch: TrainBatch, with_entropy: bool = False
+    model: torch.nn.Module,
+    batch: TrainBatch,
+    with_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``(B, R)`` of the response tokens under ``model`` (with grad if enabled) and
-    optionally their entropies ``(B, R)``. Positions past a row's response are 0."""
+    optionally their entropies ``(B, R)``. Positions past a row's response are 0.
+
+    ``entropy_grad=False`` computes the entropies without autograd (a metric only): the
+    softmax over the vocabulary is then not kept for backward, which for ``(B, R, V)`` logits
+    is the largest activation of the step."""
     ids, attn, pos, first = _trim(batch)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     P, R = batch.prompt_len - first, batch.response_len
@@ -142,7 +149,9 @@ def response_forward(
     lp = torch.cat([logprobs_from_logits(logits, labels), lp[:, n:]], dim=1)  # (B, R)
     ent = None
     if with_entropy:
-        ent = torch.cat([entropy_from_logits(logits), lp.new_zeros(len(batch), R - n)], dim=1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            e = entropy_from_logits(logits)
+        ent = torch.cat([e, lp.new_zeros(len(batch), R - n)], dim=1)
     return lp * batch.response_valid, (ent * batch.response_valid if ent is not None else None)
 
 

@@ -299,7 +299,10 @@ class RLTrainer:
         a = self.acfg
         mask = mb.response_mask
         with self.autocast():
-            lp, ent = response_forward(self.policy, mb, with_entropy=True)
+            # entropy is always logged; it needs a graph only when it is part of the loss
+            lp, ent = response_forward(
+                self.policy, mb, with_entropy=True, entropy_grad=bool(a.entropy_coef)
+            )
         assert ent is not None and mb.advantages is not None
         old = mb.old_logprobs
         if old is None:  # single on-policy update (see prepare_batch): ratio is exactly 1

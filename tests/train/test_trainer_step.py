@@ -174,3 +174,30 @@ def test_bf16_autocast_trains_with_fp32_weights_and_logprobs(tiny_qwen2):
 def test_unknown_mixed_precision_is_a_config_error(tiny_qwen2):
     with pytest.raises(Sr1Error, match="mixed_precision='fp8'.*auto, no, bf16"):
         RLTrainer(tiny_cfg("grpo", "trainer.mixed_precision=fp8"), model_path=tiny_qwen2)
+
+
+def test_entropy_is_a_metric_without_a_graph_unless_it_is_in_the_loss(tiny_qwen2):
+    """entropy_grad=False gives the same entropies with no autograd graph (so the (B, R, V)
+    softmax is not kept for backward); with entropy_coef > 0 the bonus changes the update."""
+    tr = RLTrainer(tiny_cfg("grpo", "algorithm.kl_coef=0"), model_path=tiny_qwen2)
+    b = collate(hand_trajectories(tr.tokenizer), tr.pad_id)
+    lp, ent_metric = response_forward(tr.policy, b, with_entropy=True, entropy_grad=False)
+    _, ent_loss = response_forward(tr.policy, b, with_entropy=True, entropy_grad=True)
+    assert ent_metric is not None and ent_loss is not None
+    assert lp.requires_grad and ent_loss.requires_grad and not ent_metric.requires_grad
+    torch.testing.assert_close(ent_metric, ent_loss.detach(), atol=0, rtol=0)
+
+    def grads(coef: float) -> dict[str, torch.Tensor]:
+        t = RLTrainer(
+            tiny_cfg("grpo", "algorithm.kl_coef=0", f"algorithm.entropy_coef={coef}"),
+            model_path=tiny_qwen2,
+        )
+        batch = t.prepare_batch(hand_trajectories(t.tokenizer))
+        loss, m = t._micro_loss(batch, denom=float(batch.response_mask.sum()))
+        assert m["actor/entropy"] > 0
+        loss.backward()
+        return {n: p.grad.clone() for n, p in t.policy.named_parameters() if p.grad is not None}
+
+    g0, g1 = grads(0.0), grads(0.5)
+    assert g0.keys() == g1.keys()
+    assert any(not torch.allclose(g0[n], g1[n]) for n in g0)

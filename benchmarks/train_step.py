@@ -1,0 +1,139 @@
+"""Training-step benchmark: what mixed precision and a graph-free entropy metric buy.
+
+Prints one JSON document on stdout (progress on stderr). One micro-batch of Search-R1-shaped
+rows (prompt, sampled turn, inserted information block with mask 0, answer; random token ids
+of the quickstart's sizes) goes through the policy's forward and backward passes, as in
+``RLTrainer._micro_loss`` with ``entropy_coef = 0``, in four variants run in alternation:
+
+- ``mixed_precision``: ``no`` (fp32) or ``bf16`` (``torch.autocast``; weights stay fp32);
+- ``entropy_grad``: ``true`` keeps the entropy's autograd graph although the loss does not use
+  it (what the trainer did before), ``false`` computes it as a metric only (what it does now).
+
+For each variant: median seconds per micro-batch and tokens/s over ``--repeats`` timed runs
+after one warm-up, and the speed ratio to the fp32 + entropy-graph variant (all variants in
+one process, interleaved, so the ratios share the machine's noise).
+
+Run: ``.venv/bin/python benchmarks/train_step.py [--model smollm2-135m] [--batch 8]
+[--prompt 120] [--response 330] [--freeze 20] [--repeats 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=8, help="rows per micro-batch")
+    ap.add_argument("--prompt", type=int, default=120, help="prompt tokens per row")
+    ap.add_argument("--response", type=int, default=330, help="response tokens per row")
+    ap.add_argument("--freeze", type=int, default=20, help="lower layers frozen (quickstart: 20)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("SR1_HOME", tempfile.mkdtemp(prefix="sr1-bench-"))
+    import torch
+
+    from sr1 import models
+    from sr1.algos import core
+    from sr1.config import AlgorithmConfig
+    from sr1.rollout.types import Trajectory
+    from sr1.train.batch import collate, response_forward
+
+    torch.set_num_threads(args.threads)
+    log(f"fetching {args.model} into {os.environ['SR1_HOME']}")
+    path = str(models.fetch(args.model))
+    model = models.load_model(path, device="cpu", dtype="float32")
+    models.freeze_lower_layers(model, args.freeze)
+    model.train()
+    tok = models.load_tokenizer(path)
+    vocab = len(tok)
+
+    g = torch.Generator().manual_seed(0)
+    trajs = []
+    R = args.response
+    info = R // 3  # one inserted information block in the middle of the response
+    mask = [1] * ((R - info) // 2) + [0] * info + [1] * (R - info - (R - info) // 2)
+    for b in range(args.batch):
+        ids = torch.randint(100, vocab - 100, (args.prompt + R,), generator=g).tolist()
+        trajs.append(
+            Trajectory(
+                id=f"q{b}", question="q", golden_answers=["a"], data_source="bench", prompt="q",
+                prompt_ids=ids[: args.prompt], response_ids=ids[args.prompt :], loss_mask=mask,
+                logprobs=[-1.0 * m for m in mask], reward=float(b % 2), group=b // 2,
+            )
+        )  # fmt: skip
+    batch = collate(trajs, tok.pad_token_id or 0)
+    adv = torch.randn(args.batch, 1).expand(-1, R).contiguous()
+    n_tokens = args.batch * (args.prompt + R)
+
+    def step(mp: str, entropy_grad: bool) -> float:
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        with models.autocast(mp, "cpu"):
+            lp, ent = response_forward(model, batch, with_entropy=True, entropy_grad=entropy_grad)
+        assert ent is not None
+        loss, _ = core.policy_loss(
+            "vanilla", lp, lp.detach(), adv, batch.response_mask, AlgorithmConfig()
+        )
+        core.masked_mean(ent.detach(), batch.response_mask)  # the logged metric
+        loss.backward()
+        return time.perf_counter() - t0
+
+    variants = [(mp, eg) for mp in ("no", "bf16") for eg in (True, False)]
+    times: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
+    for v in variants:
+        step(*v)  # warm-up
+    for r in range(args.repeats):
+        for v in variants:
+            times[v].append(step(*v))
+        log(f"repeat {r + 1}/{args.repeats} done")
+    base = statistics.median(times[("no", True)])
+    rows = []
+    for mp, eg in variants:
+        s = statistics.median(times[(mp, eg)])
+        rows.append(
+            {
+                "mixed_precision": mp,
+                "entropy_grad": eg,
+                "seconds_per_micro_batch": round(s, 3),
+                "tokens_per_s": round(n_tokens / s, 1),
+                "speedup_vs_fp32_entropy_graph": round(base / s, 2),
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "batch": args.batch,
+                "prompt_tokens": args.prompt,
+                "response_tokens": R,
+                "frozen_layers": args.freeze,
+                "threads": args.threads,
+                "repeats": args.repeats,
+                "variants": rows,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
