@@ -137,8 +137,8 @@ def response_forward(
     optionally their entropies ``(B, R)``. Positions past a row's response are 0.
 
     ``entropy_grad=False`` computes the entropies without autograd (a metric only): the
-    softmax over the vocabulary is then not kept for backward, which for ``(B, R, V)`` logits
-    is the largest activation of the step."""
+    ``(B, R, V)`` softmax over the vocabulary, as large as the logits, is then not kept for
+    backward."""
     ids, attn, pos, first = _trim(batch)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     P, R = batch.prompt_len - first, batch.response_len
