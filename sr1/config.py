@@ -101,8 +101,20 @@ class RetrievalConfig:
         8192, "Passages per build chunk (dense: embeddings saved per chunk, so a crash resumes)."
     )
     skip_bad_lines: bool = opt(False, "Skip malformed corpus lines instead of stopping.")
-    server_max_batch: int = opt(512, "Most queries one /retrieve request may carry.")
-    server_max_topk: int = opt(100, "Largest topk a /retrieve request may ask for.")
+    server_max_batch: int = opt(
+        512,
+        "Queries per search call inside the retrieval server: a request's queries are searched "
+        "in chunks this size (concurrent requests merged up to it), which bounds memory.",
+    )
+    server_max_queries: int = opt(
+        16384,
+        "Most queries one /retrieve request may carry (413 above); a GRPO turn of 512 prompts "
+        "x 5 samples = 2,560 queries fits in one request.",
+    )
+    server_max_body_mb: int = opt(64, "Largest /retrieve request body, in MiB (413 above).")
+    server_max_topk: int = opt(
+        100, "Largest topk the server returns; a larger topk is clamped to it (and to the corpus)."
+    )
     server_cache_size: int = opt(10000, "Entries in the server's (query, k) LRU result cache.")
     server_batch_wait_ms: float = opt(
         0.0,
@@ -120,6 +132,11 @@ class RetrievalConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     engine: str = opt("hf", "Generation engine: hf (transformers generate) or vllm.")
+    env: str = opt(
+        "search",
+        "Tool environment the policy calls (sr1.envs): search (the retriever, Search-R1) or "
+        "calculator (arithmetic, <calculator> expr </calculator>).",
+    )
     max_turns: int = opt(
         2,
         "Turns that may search (at most this many searches); then one final turn whose search "
@@ -158,7 +175,11 @@ class AlgorithmConfig:
     gamma: float = opt(1.0, "GAE discount.")
     lam: float = opt(1.0, "GAE lambda.")
     norm_adv_by_std: bool = opt(True, "GRPO: divide group-centred rewards by the group std.")
-    clip_ratio: float = opt(0.2, "PPO clip epsilon (lower).")
+    clip_ratio: float = opt(
+        0.2,
+        "PPO clip epsilon (lower). policy_loss=gspo keeps its own 3e-4/4e-4 unless clip_ratio "
+        "or clip_ratio_high is changed.",
+    )
     clip_ratio_high: float | None = opt(
         None, "Upper clip epsilon (clip-higher, DAPO); None = clip_ratio."
     )
@@ -167,11 +188,18 @@ class AlgorithmConfig:
     )
     value_clip: float = opt(0.5, "Value-function clip range (PPO).")
     kl_coef: float = opt(0.001, "KL-to-reference coefficient.")
-    kl_estimator: str = opt("k3", "KL estimator: k1, k2 or k3 (low-variance).")
+    kl_estimator: str = opt(
+        "k3",
+        "KL estimator: k1, k2 or k3 (low-variance, value clamped to 10); verl's names kl, mse "
+        "and low_var_kl are the same three.",
+    )
     kl_in_reward: bool = opt(False, "Apply KL as a reward penalty instead of a loss term.")
     entropy_coef: float = opt(0.001, "Entropy bonus coefficient.")
     loss_agg: str = opt(
-        "token-mean", "Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean."
+        "token-mean",
+        "Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean or "
+        "seq-mean-token-sum-norm (sum of sequence token sums / padded response length, Dr. GRPO "
+        "and verl). policy_loss=gspo keeps its own seq-mean-token-mean unless this is changed.",
     )
     reward: str = opt("em", "Reward: em, f1 or format (EM with format shaping).")
     use_mask: bool = opt(
@@ -248,6 +276,25 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ScoringConfig:
+    nfkc: bool = opt(
+        False,
+        "Fold unicode (NFKC: full-width letters, ligatures) before SQuAD normalisation. Off = "
+        "exact Search-R1/FlashRAG parity.",
+    )
+    default_task: str = opt(
+        "qa",
+        "Task (sr1.tasks) scoring rows whose data_source sr1 does not list; empty = refuse them.",
+    )
+
+    def options(self, answer_fallback: str = "none") -> Any:
+        """The scorer's options (``sr1.tasks.ScoreOptions``)."""
+        from sr1.tasks import ScoreOptions
+
+        return ScoreOptions(nfkc=self.nfkc, answer_fallback=answer_fallback)
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = opt("sr1", "MLflow experiment name.")
     mlflow_uri: str | None = opt(
@@ -278,6 +325,7 @@ class ExperimentConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
 

@@ -24,6 +24,8 @@ from typing import Any
 from sr1 import paths
 from sr1.config import ExperimentConfig, to_dict
 from sr1.io import write_json_atomic
+from sr1.progress import ProgressFactory
+from sr1.progress import resolve as resolve_progress
 from sr1.tracking.mlflow_log import tracking_uri
 
 # (stage, what it does) in execution order; eval-<baseline> stages are inserted after index.
@@ -72,13 +74,14 @@ def _load_state(p: Path) -> dict[str, Any]:
 def quickstart(
     cfg: ExperimentConfig,
     fresh: bool = False,
-    progress: bool = True,
+    progress: ProgressFactory | None = None,
     notify: Notify | None = None,
 ) -> dict[str, Any]:
     """Run (or finish) the quickstart for ``cfg``; returns the rows, the report and timings.
 
     ``fresh`` forgets finished stages of this config. ``notify(stage, event, detail)`` is
-    called at every stage start, skip and end (the CLI prints from it).
+    called at every stage start, skip and end (the CLI prints from it). ``progress`` is passed
+    to every long stage (:mod:`sr1.progress`; None or False: silent).
     """
     from sr1 import models
     from sr1.data.synth import synthesize
@@ -89,6 +92,7 @@ def quickstart(
     from sr1.train.sft import sft
     from sr1.train.trainer import ALGOS, train
 
+    progress = resolve_progress(progress)  # progress=True fails here, before any work
     q = cfg.quickstart
     for m in q.baselines:
         get_method(m)  # unknown names fail before any work

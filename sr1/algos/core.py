@@ -19,6 +19,10 @@ Multi-turn choices (deliberate; Search-R1's fork differs):
   singleton groups (nothing to compare against).
 - Log-ratios are clamped to [-20, 20] before ``exp`` so no position can produce inf/NaN
   gradients, which keeps the gradient at mask-0 positions exactly zero.
+- Mask-0 positions are *selected out* (``torch.where``), never multiplied by 0: a NaN/inf
+  there (a ``-inf`` reference log-prob of an inserted token, garbage in padding) changes
+  neither a loss nor its gradient. Losses select their inputs before any arithmetic, so the
+  backward pass never forms ``0 * nan`` either.
 
 Losses return ``(scalar, metrics)`` with namespaced float metrics (``actor/pg_clipfrac``).
 Aggregation over tokens/sequences lives in :func:`agg_loss` only.
@@ -39,10 +43,20 @@ _LOG_RATIO_CLAMP = 20.0
 
 
 # -- masked statistics ---------------------------------------------------------------------------
+def masked_fill_zero(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` where ``mask`` is 1, exactly 0 elsewhere (NaN/inf there included); same shape.
+
+    Selection, not ``x * mask``: ``nan * 0`` is NaN, and the gradient to mask-0 entries is
+    exactly 0 (no ``0 * nan`` in the backward pass)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Sum of ``x`` where ``mask`` is 1. ``x``, ``mask``: same shape; ``dim`` None = all."""
-    m = mask.to(x.dtype)
-    return (x * m).sum() if dim is None else (x * m).sum(dim)
+    """Sum of ``x`` where ``mask`` is 1. ``x``, ``mask``: same shape; ``dim`` None = all.
+
+    Values at mask-0 entries are ignored, even NaN/inf (see :func:`masked_fill_zero`)."""
+    xm = masked_fill_zero(x, mask)
+    return xm.sum() if dim is None else xm.sum(dim)
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -72,13 +86,51 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype)
+    return masked_fill_zero(out, mask)
 
 
 # -- aggregation (the one place token-mean vs sequence-mean is decided) ---------------------------
+class AggDenom(float):
+    """Mini-batch normalisers for :func:`agg_loss`, as made by :func:`agg_denominator`.
+
+    A ``float`` equal to the normaliser of the mode it was made for, so it goes wherever a float
+    ``denom`` goes, that also carries the normaliser of every mode: ``tokens`` (policy tokens;
+    token-mean), ``seqs`` (sequences with a policy token; seq-mean-*) and ``norm`` (the constant
+    of seq-mean-token-sum-norm). :func:`agg_loss` takes the one for the mode it aggregates
+    with, so a loss with its own mode (GSPO's ``seq-mean-token-mean`` under
+    ``loss_agg=token-mean``) still gets a mini-batch normaliser that fits it.
+    """
+
+    __slots__ = ("tokens", "seqs", "norm")
+
+    def __new__(cls, value: float, *, tokens: float, seqs: float, norm: float) -> AggDenom:
+        self = super().__new__(cls, value)
+        self.tokens, self.seqs, self.norm = float(tokens), float(seqs), float(norm)
+        return self
+
+    def __getnewargs_ex__(self) -> tuple[tuple[float], dict[str, float]]:  # pickle, copy
+        return (float(self),), {"tokens": self.tokens, "seqs": self.seqs, "norm": self.norm}
+
+    def for_mode(self, mode: str) -> float:
+        """The normaliser ``mode`` uses (a registered name or alias)."""
+        return float(getattr(self, _DENOM_KIND[_canonical_agg(mode)]))
+
+
 LOSS_AGG_MODES: Registry[Callable[[Tensor, Tensor, float | None], Tensor]] = Registry(
     "loss aggregation mode"
 )
+# which AggDenom field each mode divides by
+_DENOM_KIND = {
+    "token-mean": "tokens",
+    "seq-mean-token-sum": "seqs",
+    "seq-mean-token-mean": "seqs",
+    "seq-mean-token-sum-norm": "norm",
+}
+
+
+def _canonical_agg(mode: str) -> str:
+    fn = LOSS_AGG_MODES.get(mode)  # loud on unknown modes
+    return next(name for name in _DENOM_KIND if LOSS_AGG_MODES.get(name) is fn)
 
 
 @LOSS_AGG_MODES.register("token-mean")
@@ -89,9 +141,9 @@ def _agg_token_mean(loss_mat: Tensor, mask: Tensor, denom: float | None) -> Tens
 
 
 def _seq_agg(per_seq: Tensor, mask: Tensor, denom: float | None) -> Tensor:
-    has = (mask.sum(-1) > 0).to(per_seq.dtype)  # (B,) sequences with any policy token
-    d = has.sum().clamp(min=1.0) if denom is None else max(denom, 1.0)
-    return (per_seq * has).sum() / d
+    has = mask.sum(-1) > 0  # (B,) sequences with any policy token
+    d = has.sum().to(per_seq.dtype).clamp(min=1.0) if denom is None else max(denom, 1.0)
+    return masked_fill_zero(per_seq, has).sum() / d
 
 
 @LOSS_AGG_MODES.register("seq-mean-token-sum")
@@ -104,24 +156,50 @@ def _agg_seq_mean_token_mean(loss_mat: Tensor, mask: Tensor, denom: float | None
     return _seq_agg(masked_mean(loss_mat, mask, -1), mask, denom)
 
 
-def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str, denom: float | None = None) -> Tensor:
-    """Reduce a per-token loss ``(B, R)`` to a scalar.
+@LOSS_AGG_MODES.register("seq-mean-token-sum-norm")
+def _agg_seq_mean_token_sum_norm(loss_mat: Tensor, mask: Tensor, denom: float | None) -> Tensor:
+    # Dr. GRPO / verl: sum over sequences of the token sums, / a constant (not the batch size)
+    norm = float(mask.shape[-1]) if denom is None else denom
+    if norm <= 0:
+        raise ValueError(f"seq-mean-token-sum-norm needs a positive normaliser, got {norm}")
+    return masked_sum(loss_mat, mask) / norm
+
+
+def agg_loss(
+    loss_mat: Tensor, mask: Tensor, mode: str, denom: float | AggDenom | None = None
+) -> Tensor:
+    """Reduce a per-token loss ``(B, R)`` to a scalar; ``mask`` ``(B, R)``.
 
     Modes: ``token-mean`` (Σ loss·mask / Σ mask; DAPO/GSPO style), ``seq-mean-token-sum``,
-    ``seq-mean-token-mean`` (sequences without policy tokens do not count). ``denom``
-    replaces the local normaliser (tokens for token-mean, sequences otherwise) with the
-    mini-batch total from :func:`agg_denominator`, so micro-batch losses *sum* to the
-    mini-batch loss under gradient accumulation.
+    ``seq-mean-token-mean`` (sequences without policy tokens do not count), and
+    ``seq-mean-token-sum-norm`` (Dr. GRPO; verl's mode of that name): Σ over sequences of each
+    sequence's token sum, divided by a *constant* normaliser ``denom`` (verl's
+    ``loss_scale_factor``), not by the number of tokens or sequences; ``denom=None`` means the
+    padded length ``R = mask.shape[-1]`` (verl's default). Pass a fixed value (e.g. the maximum
+    response length) for a normaliser that stays the same over training.
+
+    For the other modes ``denom`` replaces the local normaliser (tokens for token-mean,
+    sequences for seq-mean-*) with the mini-batch total from :func:`agg_denominator`, so
+    micro-batch losses *sum* to the mini-batch loss under gradient accumulation. An
+    :class:`AggDenom` supplies the normaliser for ``mode`` whatever mode it was made for.
     """
+    if isinstance(denom, AggDenom):
+        denom = denom.for_mode(mode)
     return LOSS_AGG_MODES.get(mode)(loss_mat, mask, denom)
 
 
-def agg_denominator(mask: Tensor, mode: str) -> float:
-    """The normaliser :func:`agg_loss` would use for ``mask`` ``(B, R)`` under ``mode``."""
-    LOSS_AGG_MODES.get(mode)  # loud on unknown modes
-    if mode == "token-mean":
-        return float(mask.sum())
-    return float((mask.sum(-1) > 0).sum())
+def agg_denominator(mask: Tensor, mode: str, norm: float | None = None) -> AggDenom:
+    """The normalisers :func:`agg_loss` uses for the (mini-batch) ``mask`` ``(B, R)``.
+
+    The value (a float) is the one for ``mode``; the others ride along (see :class:`AggDenom`).
+    ``norm`` is seq-mean-token-sum-norm's constant; None = ``R``, the padded length of ``mask``.
+    """
+    counts = {
+        "tokens": float(mask.sum()),
+        "seqs": float((mask.sum(-1) > 0).sum()),
+        "norm": float(mask.shape[-1]) if norm is None else float(norm),
+    }
+    return AggDenom(counts[_DENOM_KIND[_canonical_agg(mode)]], **counts)
 
 
 # -- rewards on tokens -------------------------------------------------------------------------
@@ -148,18 +226,18 @@ def compute_gae(
     across inserted tokens unchanged, and the value after the last policy token is 0.
     """
     B, R = mask.shape
-    m = mask.to(values.dtype)
+    m = mask.bool()
     adv = torch.zeros_like(values)
     next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
     running = torch.zeros_like(next_value)
     for t in reversed(range(R)):
-        mt = m[:, t]
+        mt = m[:, t]  # (B,)
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
         gae = delta + gamma * lam * running
-        next_value = mt * values[:, t] + (1 - mt) * next_value
-        running = mt * gae + (1 - mt) * running
-        adv[:, t] = gae * mt
-    returns = (adv + values) * m
+        next_value = torch.where(mt, values[:, t], next_value)
+        running = torch.where(mt, gae, running)
+        adv[:, t] = masked_fill_zero(gae, mt)
+    returns = masked_fill_zero(adv + values, m)
     return adv, returns
 
 
@@ -212,13 +290,13 @@ def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float) -> Ten
     """Reward-to-go over policy tokens only, ``(B, R)``; mask-0 positions are skipped (their
     rewards ignored, the running return carried across them) and come back 0."""
     B, R = mask.shape
-    m = mask.to(token_rewards.dtype)
+    m = mask.bool()
     out = torch.zeros_like(token_rewards)
     running = torch.zeros(B, dtype=token_rewards.dtype, device=token_rewards.device)
     for t in reversed(range(R)):
-        mt = m[:, t]
-        running = mt * (token_rewards[:, t] + gamma * running) + (1 - mt) * running
-        out[:, t] = running * mt
+        mt = m[:, t]  # (B,)
+        running = torch.where(mt, token_rewards[:, t] + gamma * running, running)
+        out[:, t] = masked_fill_zero(running, mt)
     return out
 
 
@@ -350,6 +428,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 
 
 KL_ESTIMATORS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("KL estimator")
+_K3_CLAMP = 10.0  # verl's bound on the low_var_kl value
 
 
 @KL_ESTIMATORS.register("k1")
@@ -367,14 +446,22 @@ def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 @KL_ESTIMATORS.register("k3")
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """``q/p - log(q/p) - 1`` per token ``(B, R)`` (Schulman's low-variance unbiased estimator,
-    always >= 0). The log-ratio is clamped to [-20, 20] so ``exp`` stays finite."""
+    always >= 0). The log-ratio is clamped to [-20, 20] so ``exp`` stays finite, and the value
+    to [0, 10] as verl's ``low_var_kl`` does (a token past the bound gets no KL gradient)."""
     log_ratio = (ref_logprobs - logprobs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-_K3_CLAMP, _K3_CLAMP)
+
+
+# verl's names for the same estimators (verl's "abs", "full" and "+" variants are not here)
+KL_ESTIMATORS.add("kl", kl_k1)
+KL_ESTIMATORS.add("mse", kl_k2)
+KL_ESTIMATORS.add("low_var_kl", kl_k3)
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str) -> Tensor:
-    """Per-token KL estimate ``(B, R)``, 0 at mask-0 positions."""
-    return KL_ESTIMATORS.get(estimator)(logprobs, ref_logprobs) * mask.to(logprobs.dtype)
+    """Per-token KL estimate ``(B, R)``, 0 at mask-0 positions (whatever the inputs there)."""
+    lp, ref = (masked_fill_zero(x, mask) for x in (logprobs, ref_logprobs))
+    return masked_fill_zero(KL_ESTIMATORS.get(estimator)(lp, ref), mask)
 
 
 def kl_loss(
@@ -386,7 +473,8 @@ def kl_loss(
     denom: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """KL-to-reference as a loss term. ``(B, R)`` inputs -> (scalar, ``actor/kl_loss``)."""
-    kl = KL_ESTIMATORS.get(estimator)(logprobs, ref_logprobs)
+    lp, ref = (masked_fill_zero(x, mask) for x in (logprobs, ref_logprobs))  # (B, R)
+    kl = KL_ESTIMATORS.get(estimator)(lp, ref)
     loss = agg_loss(kl, mask, loss_agg, denom)
     return loss, {"actor/kl_loss": float(masked_mean(kl.detach(), mask))}
 
@@ -409,6 +497,9 @@ def ppo_clip_loss(
     the loss of negative-advantage tokens at ``-c * A`` (dual-clip PPO).
     """
     clip_high = clip_low if clip_high is None else clip_high
+    logprobs, old_logprobs, advantages = (
+        masked_fill_zero(x, mask) for x in (logprobs, old_logprobs, advantages)
+    )  # (B, R) each; nothing at a mask-0 position reaches the loss or its gradient
     log_ratio = (logprobs - old_logprobs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     loss1 = -advantages * ratio
@@ -433,19 +524,32 @@ def ppo_clip_loss(
     return loss, metrics
 
 
+# GSPO's own settings (the GSPO paper, sec. 5.1; verl's GSPO recipes): sequence-level ratios sit
+# very close to 1, so PPO's 0.2 would almost never clip
+GSPO_CLIP_LOW = 3e-4
+GSPO_CLIP_HIGH = 4e-4
+GSPO_LOSS_AGG = "seq-mean-token-mean"
+
+
 def gspo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    clip_low: float = 3e-4,
-    clip_high: float | None = 4e-4,
-    loss_agg: str = "seq-mean-token-mean",
+    clip_low: float = GSPO_CLIP_LOW,
+    clip_high: float | None = GSPO_CLIP_HIGH,
+    loss_agg: str = GSPO_LOSS_AGG,
     denom: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """GSPO: the importance ratio is the sequence's geometric-mean token ratio (over policy
-    tokens), with the gradient still flowing per token. ``(B, R)`` inputs -> (loss, metrics)."""
+    tokens), with the gradient still flowing per token. ``(B, R)`` inputs -> (loss, metrics).
+
+    ``clip_high`` None = ``clip_low``. Through :func:`policy_loss` the clip range and the
+    aggregation come from :func:`gspo_settings`."""
     clip_high = clip_low if clip_high is None else clip_high
+    logprobs, old_logprobs, advantages = (
+        masked_fill_zero(x, mask) for x in (logprobs, old_logprobs, advantages)
+    )  # (B, R) each
     log_ratio = logprobs - old_logprobs
     seq_log_ratio = masked_mean(log_ratio, mask, -1)  # (B,)
     tok_log_ratio = seq_log_ratio.detach()[:, None] + logprobs - logprobs.detach()  # (B, R)
@@ -488,6 +592,35 @@ def _pl_vanilla(
     )
 
 
+_CFG_DEFAULTS = AlgorithmConfig()
+
+
+def gspo_settings(cfg: AlgorithmConfig) -> tuple[float, float | None, str]:
+    """``(clip_low, clip_high, loss_agg)`` the ``gspo`` policy loss uses under ``cfg``.
+
+    The shared PPO settings at their defaults mean "not set for GSPO", so GSPO keeps its own
+    (``GSPO_CLIP_LOW``/``GSPO_CLIP_HIGH`` = 3e-4/4e-4, ``GSPO_LOSS_AGG`` =
+    seq-mean-token-mean):
+
+    - the clip range is ``cfg``'s (``clip_ratio``, ``clip_ratio_high``; None = symmetric) as a
+      pair once either was changed: ``clip_ratio`` differs from its default or
+      ``clip_ratio_high`` is set. Setting ``clip_ratio`` to its default value itself cannot be
+      told apart from not setting it; set ``clip_ratio_high`` too (``clip_ratio_high=0.2``
+      gives verl's default GSPO range 0.2/0.2).
+    - the aggregation is ``cfg.loss_agg`` unless it is the default (token-mean).
+
+    The KL and entropy terms always aggregate with ``cfg.loss_agg``;
+    :func:`agg_denominator`'s :class:`AggDenom` gives each term its own mini-batch normaliser.
+    """
+    d = _CFG_DEFAULTS
+    if cfg.clip_ratio != d.clip_ratio or cfg.clip_ratio_high is not None:
+        clip_low, clip_high = cfg.clip_ratio, cfg.clip_ratio_high
+    else:
+        clip_low, clip_high = GSPO_CLIP_LOW, GSPO_CLIP_HIGH
+    loss_agg = cfg.loss_agg if cfg.loss_agg != d.loss_agg else GSPO_LOSS_AGG
+    return clip_low, clip_high, loss_agg
+
+
 @POLICY_LOSSES.register("gspo")
 def _pl_gspo(
     logprobs: Tensor,
@@ -498,14 +631,15 @@ def _pl_gspo(
     cfg: AlgorithmConfig,
     denom: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
+    clip_low, clip_high, loss_agg = gspo_settings(cfg)
     return gspo_loss(
         logprobs,
         old_logprobs,
         advantages,
         mask,
-        clip_low=cfg.clip_ratio,
-        clip_high=cfg.clip_ratio_high,
-        loss_agg=cfg.loss_agg,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        loss_agg=loss_agg,
         denom=denom,
     )
 
@@ -534,6 +668,7 @@ def value_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped value loss ``0.5 max((v - R)^2, (v_clip - R)^2)``, ``v_clip`` within ``clip``
     of the rollout-time values. ``(B, R)`` inputs -> (scalar, ``critic/*`` metrics)."""
+    values, old_values, returns = (masked_fill_zero(x, mask) for x in (values, old_values, returns))
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
     l1 = (values - returns) ** 2
     l2 = (v_clipped - returns) ** 2
@@ -549,6 +684,7 @@ def entropy_bonus(
     entropy: Tensor, mask: Tensor, loss_agg: str = "token-mean", denom: float | None = None
 ) -> tuple[Tensor, dict[str, float]]:
     """Aggregated entropy ``(B, R) -> scalar`` (to be *subtracted*, scaled, from the loss)."""
+    entropy = masked_fill_zero(entropy, mask)
     ent = agg_loss(entropy, mask, loss_agg, denom)
     return ent, {"actor/entropy": float(masked_mean(entropy.detach(), mask))}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from sr1.cli.common import JSON_HELP, err_console, out_console, print_json
+from sr1.cli.common import JSON_HELP, err_console, out_console, print_json, rich_progress
 
 data_app = typer.Typer(
     help="QA datasets: prepare the seven benchmarks, build the synthetic world, list them.",
@@ -68,7 +68,7 @@ def prepare_cmd(
         source_dir=source_dir,
         template=template,
         splits=list(split) if split else None,
-        progress=not json_out,
+        progress=None if json_out else rich_progress,
         download=download,
         tokenizer=tokenizer,
     )

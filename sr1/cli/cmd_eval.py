@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, out_console, print_json
+from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, out_console, print_json, rich_progress
 from sr1.config import resolve_config
 from sr1.errors import Sr1Error
 from sr1.eval.methods import METHODS
@@ -138,7 +138,7 @@ def register(app: typer.Typer) -> None:
             run_name=name,
             resume=resume,
             fresh=fresh,
-            progress=True,
+            progress=rich_progress,
         )
         if json_out:
             print_json(summary)

@@ -7,7 +7,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, err_console, out_console, print_json
+from sr1.cli.common import (
+    CONFIG_HELP,
+    JSON_HELP,
+    SET_HELP,
+    err_console,
+    out_console,
+    print_json,
+    rich_progress,
+)
 from sr1.config import resolve_config
 
 index_app = typer.Typer(
@@ -68,7 +76,7 @@ def build_cmd(
         retriever=cfg.retriever,
         encoder=encoder or cfg.encoder,
         cfg=cfg,
-        progress=True,
+        progress=rich_progress,
         download=download,
     )
     if json_out:

@@ -8,7 +8,15 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, err_console, out_console, print_json
+from sr1.cli.common import (
+    CONFIG_HELP,
+    JSON_HELP,
+    SET_HELP,
+    err_console,
+    out_console,
+    print_json,
+    rich_progress,
+)
 from sr1.config import resolve_config
 from sr1.errors import NotFoundError
 
@@ -79,7 +87,7 @@ def quickstart_cmd(
         extra = " (finished earlier, skipped)" if event == "skip" else ""
         err_console.print(f"{mark} {stage}: {detail}{extra}", highlight=False)
 
-    res = quickstart(cfg, fresh=fresh, progress=not json_out, notify=notify)
+    res = quickstart(cfg, fresh=fresh, progress=None if json_out else rich_progress, notify=notify)
     if json_out:
         print_json(
             {k: res[k] for k in ("rows", "seconds", "train_run", "sft_run", "mlflow_uri", "duckdb")}

@@ -9,7 +9,15 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, err_console, out_console, print_json
+from sr1.cli.common import (
+    CONFIG_HELP,
+    JSON_HELP,
+    SET_HELP,
+    err_console,
+    out_console,
+    print_json,
+    rich_progress,
+)
 from sr1.config import resolve_config
 
 # How each kind of span is drawn by --show (kinds: sr1.rollout.loop segments).
@@ -111,7 +119,7 @@ def rollout_cmd(
         method=method,
         template=template,
         greedy=greedy,
-        progress=not json_out,
+        progress=None if json_out else rich_progress,
     )
     trajs = res["trajectories"]
     if show and trajs:

@@ -26,11 +26,17 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
         json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     ) -> None:
-        """Search an index and print the top-k passages per query, best first."""
+        """Search an index and print the top-k passages per query, best first.
+
+        With --json, each result also has ``observation``: the exact text a rollout inserts
+        between ``<information>`` and ``</information>`` (Search-R1's ``Doc i(Title: T) text``
+        lines, title line as stored, stripped), before rollout.max_obs_length cuts it.
+        """
         import time
 
         from sr1.errors import Sr1Error
         from sr1.retrieval import open_retriever
+        from sr1.retrieval.base import format_passages
 
         cfg = resolve_config(config, set_, retrieval={"index": index, "topk": k}).retrieval
         if cfg.topk < 1:
@@ -49,6 +55,9 @@ def register(app: typer.Typer) -> None:
                     "results": [
                         {
                             "query": q,
+                            # the exact text a rollout inserts between <information> tags
+                            # (before the model's tokenizer cuts it to rollout.max_obs_length)
+                            "observation": format_passages(ps),
                             "passages": [
                                 {
                                     "id": p.id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, err_console, print_json
+from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, err_console, print_json, rich_progress
 from sr1.config import resolve_config
 
 
@@ -33,7 +33,14 @@ def sft_cmd(
     from sr1.train.sft import sft
 
     cfg = resolve_config(config, set_)
-    res = sft(cfg, model, index, dataset=dataset, max_steps=max_steps, progress=not json_out)
+    res = sft(
+        cfg,
+        model,
+        index,
+        dataset=dataset,
+        max_steps=max_steps,
+        progress=None if json_out else rich_progress,
+    )
     if json_out:
         print_json(res)
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, err_console, print_json
+from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, err_console, print_json, rich_progress
 from sr1.config import resolve_config
 
 _SUMMARY_KEYS = ("reward/mean", "reward/em", "search/mean", "actor/kl", "time/step_s")
@@ -43,7 +43,12 @@ def train_cmd(
         )
     cfg = resolve_config(config, set_)
     res = train(
-        cfg, algo or "", model or "", resume=resume, max_steps=max_steps, progress=not json_out
+        cfg,
+        algo or "",
+        model or "",
+        resume=resume,
+        max_steps=max_steps,
+        progress=None if json_out else rich_progress,
     )
     if json_out:
         print_json(res)

@@ -1,17 +1,53 @@
-"""Shared CLI plumbing: stderr console, JSON output, and config flags."""
+"""Shared CLI plumbing: stderr console, progress bars, JSON output, and config flags."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+
+from sr1.progress import Advance
 
 # Progress, logs and tables for humans go to stderr unless a command prints a table as its result;
 # --json output goes to stdout alone so scripts can parse it.
 err_console = Console(stderr=True)
 out_console = Console()
+
+
+@contextlib.contextmanager
+def rich_progress(label: str, total: int | None, completed: int = 0) -> Iterator[Advance]:
+    """The CLI's :class:`sr1.progress.ProgressFactory`: a rich bar on stderr (``err_console``).
+
+    ``total=None`` shows a spinner and a count without a bar's end.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(label, total=total, completed=completed)
+
+        def advance(n: int, *, description: str | None = None) -> None:
+            bar.update(task, advance=n, description=description)
+
+        yield advance
 
 
 def print_json(obj: Any) -> None:

@@ -43,6 +43,8 @@ from sr1.data.datasets import (
 from sr1.data.prompts import TEMPLATES, render_prompt
 from sr1.errors import NotFoundError, Sr1Error
 from sr1.io import atomic_path, write_json_atomic
+from sr1.progress import ProgressFactory
+from sr1.progress import resolve as resolve_progress
 
 COLUMNS = ("id", "data_source", "question", "golden_answers", "split", "prompt", "metadata")
 _CORE_KEYS = {"id", "question", "golden_answers", "metadata"}
@@ -172,19 +174,6 @@ def read_split(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 def _plan(
     names: Sequence[str],
     source_dir: str | os.PathLike[str] | None,
@@ -237,7 +226,7 @@ def prepare(
     source_dir: str | os.PathLike[str] | None = None,
     template: str = "base",
     splits: list[str] | None = None,
-    progress: bool = True,
+    progress: ProgressFactory | None = None,
     download: bool = False,
     tokenizer: Any = None,
 ) -> dict[str, dict]:
@@ -249,7 +238,8 @@ def prepare(
     ``splits`` defaults to every split file found. ``template`` names a prompt template
     (``instruct``/``auto`` need ``tokenizer``). Returns ``{dataset: {split: counts}}`` where
     counts has ``rows`` (written), ``read``, ``dropped_empty_question``,
-    ``dropped_no_answers``, ``path`` and ``source``.
+    ``dropped_no_answers``, ``path`` and ``source``. ``progress`` reports splits prepared
+    (:mod:`sr1.progress`; None: silent).
     """
     names = list(dict.fromkeys([*(datasets or []), *(BENCHMARKS if all_datasets else ())]))
     if not names:
@@ -264,10 +254,9 @@ def prepare(
         render_prompt("x", template=template, tokenizer=tokenizer)  # fail before any work
     plan = _plan(names, source_dir, splits, download)
     out: dict[str, dict] = {}
-    with _progress(progress) as bar:
-        task = bar.add_task("preparing", total=len(plan))
+    with resolve_progress(progress)("preparing", len(plan)) as advance:
         for name, split, src in plan:
-            bar.update(task, description=f"{name}/{split}")
+            advance(0, description=f"{name}/{split}")
             if src is None:
                 src = download_split(name, split)
             rows, stats = read_source(src, name, split)
@@ -302,7 +291,7 @@ def prepare(
             }
             write_json_atomic(_manifest_path(name), manifest)
             out.setdefault(name, {})[split] = counts
-            bar.advance(task)
+            advance(1)
     return out
 
 

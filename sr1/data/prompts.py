@@ -22,7 +22,7 @@ prompt: the method name is recorded with every run, so results that used it are 
 compared as if they had used ``search``.
 
 Every method asks for the answer inside ``<answer> … </answer>`` so one scorer
-(:mod:`sr1.scoring`) serves them all. The question is stripped and gets ``?`` appended when
+(:mod:`sr1.tasks`) serves them all. The question is stripped and gets ``?`` appended when
 missing, as Search-R1's data script does.
 """
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,27 +29,13 @@ from sr1.eval.checkpoints import resolve_run_checkpoint
 from sr1.eval.methods import EvalMethod, get_method
 from sr1.eval.metrics import macro_average, order_datasets, summarize
 from sr1.io import write_json_atomic
-from sr1.scoring import answer_in_text, cover_exact_match, exact_match, f1_score, score
+from sr1.progress import ProgressFactory
+from sr1.progress import resolve as resolve_progress
+from sr1.tasks.qa import fallback_answer  # noqa: F401  (re-exported for callers)
 from sr1.tracking.run import start_run
 from sr1.tracking.store import Store
 
-_INFO_RE = re.compile(r"<information>(.*?)</information>", re.DOTALL)
-
 BatchHook = Callable[[str, int], None]
-FALLBACKS = ("none", "response")
-
-
-def fallback_answer(response: str, special_tokens: Sequence[str] = ()) -> str | None:
-    """The first non-empty line of an untagged response, special tokens and a leading
-    "answer:" removed: what ``eval.answer_fallback=response`` scores. None if nothing is left."""
-    for tok in special_tokens:
-        if tok:
-            response = response.replace(tok, " ")
-    for line in response.splitlines():
-        line = re.sub(r"^\s*(the\s+)?(final\s+)?answer\b\s*(is)?\s*[:：]?\s*", "", line, flags=re.I)
-        if line.strip():
-            return line.strip()
-    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,12 +126,6 @@ def _find_unfinished(store: Store, request_hash: str) -> str | None:
     return cands[-1] if cands else None
 
 
-def _docs_text(traj: Any) -> str | None:
-    """The retrieved passages a search trajectory saw (its <information> blocks)."""
-    blocks = _INFO_RE.findall(traj.text or "")
-    return "\n".join(blocks) if blocks else None
-
-
 def _example_row(
     dataset: str,
     split: str,
@@ -155,37 +134,20 @@ def _example_row(
     method: EvalMethod,
     passages: Sequence[Any] | None,
     seconds: float,
-    policy: str,
-    fallback: str = "none",
-    special_tokens: Sequence[str] = (),
+    m: dict[str, Any],
 ) -> dict[str, Any]:
-    """One stored eval row: the shared scorer's metrics plus what search behaviour tables need."""
+    """One stored eval row: the task scorer's metrics ``m`` (``score_trajectory``, the same
+    call training rewards use) plus what search behaviour tables need."""
     golden = list(row["golden_answers"])
-    # Score what the policy wrote, never inserted text: the invalid-action notice contains
-    # "<answer> and </answer>" and retrieved passages may contain anything.
-    s = score(policy or "", golden)
-    answer_source = "tag" if s["answer"] is not None else "none"
-    if s["answer"] is None and fallback == "response":
-        pred = fallback_answer(policy or "", special_tokens)
-        if pred:
-            s = {
-                **s,
-                "answer": pred,
-                "em": exact_match(pred, golden),
-                "cover_em": cover_exact_match(pred, golden),
-                "f1": f1_score(pred, golden),
-            }
-            answer_source = "fallback"
+    s = m
+    answer_source = m.get("answer_source", "tag" if m.get("answer") is not None else "none")
     if method.retrieve_question:
-        from sr1.retrieval.base import format_passages
-
-        in_docs: float | None = answer_in_text(format_passages(passages or []), golden)
+        in_docs: float | None = m.get("answer_in_docs")
         retrieved = [[p.id for p in passages or []]]
     elif method.search_loop:
-        in_docs = (traj.metrics or {}).get("answer_in_docs")
-        if in_docs is None:
-            docs = _docs_text(traj)
-            in_docs = answer_in_text(docs, golden) if docs else 0.0
+        # a search-loop answer that retrieved nothing had no gold in its docs
+        in_docs = m.get("answer_in_docs")
+        in_docs = 0.0 if in_docs is None else in_docs
         retrieved = list(traj.retrieved_ids or [])
     else:
         in_docs, retrieved = None, []
@@ -234,12 +196,12 @@ class _Evaluator:
         self.cfg, self.method, self.retriever = cfg, method, retriever
         self.rcfg = eval_rollout_config(cfg, method)
         self.greedy = cfg.eval.temperature <= 0
-        if cfg.eval.answer_fallback not in FALLBACKS:
-            raise Sr1Error(
-                f"unknown eval.answer_fallback {cfg.eval.answer_fallback!r}; valid: {', '.join(FALLBACKS)}"
-            )
+        self.opts = cfg.scoring.options(cfg.eval.answer_fallback)  # refuses unknown fallbacks
         self.tokenizer = load_tokenizer(tokenizer_path or model_path, revision=cfg.model.revision)
-        self.special_tokens = list(getattr(self.tokenizer, "all_special_tokens", []) or [])
+        self.opts = dataclasses.replace(
+            self.opts,
+            special_tokens=tuple(getattr(self.tokenizer, "all_special_tokens", []) or []),
+        )
         self.engine = make_engine(
             cfg.rollout.engine,
             model_path,
@@ -251,7 +213,9 @@ class _Evaluator:
 
     def run_batch(self, dataset: str, split: str, rows: list[dict]) -> list[dict[str, Any]]:
         from sr1.data.prompts import render_prompt
-        from sr1.rollout.loop import policy_text, run_rollouts
+        from sr1.envs import make_env
+        from sr1.retrieval.base import format_passages
+        from sr1.rollout.loop import run_rollouts, score_trajectory
 
         t0 = time.perf_counter()
         passages: list[list[Any]] | None = None
@@ -274,14 +238,19 @@ class _Evaluator:
             }
             for i, r in enumerate(rows)
         ]
+        env = None
+        if self.method.search_loop:
+            env = make_env(self.cfg.rollout.env, retriever=self.retriever, topk=self.rcfg.topk)
         trajs = run_rollouts(
             self.engine,
-            self.retriever if self.method.search_loop else None,
+            env,
             prompted,
             self.rcfg,
             n_samples=1,
             greedy=self.greedy,
             progress=False,
+            scoring=self.opts,
+            default_task=self.cfg.scoring.default_task,
         )
         if len(trajs) != len(rows):
             raise Sr1Error(f"rollout returned {len(trajs)} trajectories for {len(rows)} prompts")
@@ -292,20 +261,11 @@ class _Evaluator:
         out = []
         for i, r in enumerate(rows):
             t = by_id[str(r["id"])]
-            out.append(
-                _example_row(
-                    dataset,
-                    split,
-                    r,
-                    t,
-                    self.method,
-                    passages[i] if passages is not None else None,
-                    per_q,
-                    policy_text(t, self.tokenizer) if t.loss_mask else (t.text or ""),
-                    self.cfg.eval.answer_fallback,
-                    self.special_tokens,
-                )
-            )
+            shown = passages[i] if passages is not None else None
+            # rag's passages are in the prompt, not the response: score against them
+            docs = [format_passages(shown)] if shown is not None else None
+            m = score_trajectory(t, self.tokenizer, self.opts, self.cfg.scoring.default_task, docs)
+            out.append(_example_row(dataset, split, r, t, self.method, shown, per_q, m))
         return out
 
 
@@ -354,26 +314,6 @@ def _setup(
     }
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 def evaluate(
     datasets: list[str] | None = None,
     model: str | None = None,
@@ -385,7 +325,7 @@ def evaluate(
     limit: int | None = None,
     engine: str | None = None,
     cfg: ExperimentConfig | None = None,
-    progress: bool = True,
+    progress: ProgressFactory | None = None,
     run_name: str | None = None,
     resume: str | None = None,
     fresh: bool = False,
@@ -398,6 +338,7 @@ def evaluate(
     ``data.eval_datasets``). ``resume=RUN_ID`` continues that eval run with its saved request;
     ``fresh`` disables the automatic resume of an identical unfinished run. ``on_batch(dataset,
     n_stored)`` is called after every batch is stored (tests use it to simulate a crash).
+    ``progress`` reports examples evaluated (:mod:`sr1.progress`; None or False: silent).
 
     Returns a JSON-able summary: ``run_id``, ``method``, ``model``, ``datasets`` (per-dataset
     metrics from :func:`sr1.eval.metrics.summarize`), ``avg``, ``setup`` (per dataset),
@@ -506,8 +447,7 @@ def evaluate(
             done = store.done_example_ids(ctx.run_id, d)
             todo_by_ds[d] = [r for r in rows if str(r["id"]) not in done]
         total = sum(len(v) for v in todo_by_ds.values())
-        with _progress(progress) as bar:
-            task = bar.add_task(f"eval {meth.name}", total=total)
+        with resolve_progress(progress)(f"eval {meth.name}", total) as advance:
             for d, (sp, rows) in data.items():
                 todo = todo_by_ds[d]
                 stored = len(rows) - len(todo)
@@ -515,12 +455,12 @@ def evaluate(
                 for i in range(0, len(todo), bs):
                     if evaluator is None:
                         evaluator = _Evaluator(cfg, meth, model_path, retriever, tokenizer_path)
-                    bar.update(task, description=f"eval {meth.name} {d}")
+                    advance(0, description=f"eval {meth.name} {d}")
                     out = evaluator.run_batch(d, sp, todo[i : i + bs])
                     store.add_eval_results(ctx.run_id, out)
                     stored += len(out)
                     evaluated_now += len(out)
-                    bar.advance(task, len(out))
+                    advance(len(out))
                     if on_batch is not None:
                         on_batch(d, stored)
                 stored_rows = store.eval_results([ctx.run_id], d)

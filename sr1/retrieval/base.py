@@ -21,6 +21,8 @@ class Passage:
 
     @property
     def title(self) -> str:
+        """The title for display, its wiki-18 quotes removed (the model sees them: see
+        :func:`format_passages`)."""
         first = self.contents.split("\n", 1)[0]
         return first.strip().strip('"')
 
@@ -47,7 +49,12 @@ class Retriever(Protocol):
 
 
 def format_passages(passages: Sequence[Passage]) -> str:
-    """Search-R1's observation text: ``Doc i(Title: T) text`` lines, i from 1."""
-    return (
-        "\n".join(f"Doc {i}(Title: {p.title}) {p.text}" for i, p in enumerate(passages, 1)) + "\n"
-    )
+    """Search-R1's observation body (``_passages2string`` then ``.strip()``): one
+    ``Doc i(Title: T) text`` line per passage, i from 1, where ``T`` is the first line of
+    ``contents`` exactly as stored (wiki-18 quotes it) and ``text`` the lines after it.
+    An empty result is ``""``."""
+    lines = []
+    for i, p in enumerate(passages, 1):
+        title, _, text = p.contents.partition("\n")
+        lines.append(f"Doc {i}(Title: {title}) {text}\n")
+    return "".join(lines).strip()

@@ -29,6 +29,8 @@ from sr1 import paths
 from sr1.config import RetrievalConfig
 from sr1.errors import NotFoundError, Sr1Error
 from sr1.io import write_json_atomic
+from sr1.progress import ProgressFactory
+from sr1.progress import resolve as resolve_progress
 from sr1.registry import Registry
 from sr1.retrieval.base import Passage, Retriever
 from sr1.retrieval.corpus import corpus_format, file_sha256, iter_corpus, resolve_corpus
@@ -89,37 +91,13 @@ def _manifest_hash(m: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    from sr1.cli.common import err_console
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def build_index(
     name: str,
     corpus_file: str | os.PathLike[str] | None = None,
     retriever: str = "bm25",
     encoder: str | None = None,
     cfg: RetrievalConfig | None = None,
-    progress: bool = True,
+    progress: ProgressFactory | None = None,
     skip_bad_lines: bool = False,
     download: bool = False,
 ) -> dict[str, Any]:
@@ -130,7 +108,8 @@ def build_index(
     ``cfg.encoder``). An existing index of the same name is replaced only on success.
     ``skip_bad_lines`` (or ``cfg.skip_bad_lines``) skips malformed corpus lines, counting them
     in the manifest, instead of stopping at the first one. ``download`` lets ``wiki18`` be
-    fetched from the hub when no local copy is known.
+    fetched from the hub when no local copy is known. ``progress`` reports passages indexed
+    (:mod:`sr1.progress`; None or False: silent).
     """
     _check_name(name)
     cfg = cfg or RetrievalConfig()
@@ -169,7 +148,15 @@ def build_index(
     stats: dict[str, int] = {}
     try:
         params, n_docs = _build_into(
-            staging, name, retriever, kind, encoder, corpus_path, cfg, stats, progress
+            staging,
+            name,
+            retriever,
+            kind,
+            encoder,
+            corpus_path,
+            cfg,
+            stats,
+            resolve_progress(progress),
         )
     except BaseException:
         if not kind.resumable:  # nothing worth keeping; dense keeps its embedding chunks
@@ -227,7 +214,7 @@ def _build_into(
     corpus_path: Path,
     cfg: RetrievalConfig,
     stats: dict[str, int],
-    progress: bool,
+    progress: ProgressFactory,
 ) -> tuple[dict[str, Any], int]:
     """Stream the corpus in chunks into the passage store and the builder; (params, passages)."""
     if retriever == "dense":
@@ -236,14 +223,13 @@ def _build_into(
         builder = kind.load(kind.builder)(staging, cfg)
     docs = DocStoreWriter(staging)
     chunk: list[Passage] = []
-    with _progress(progress) as bar:
-        task = bar.add_task(f"indexing {name} ({retriever})", total=None)
+    with progress(f"indexing {name} ({retriever})", None) as advance:
 
         def flush() -> None:
             builder.add(len(docs), chunk)
             for p in chunk:
                 docs.add(p.id, p.contents)
-            bar.advance(task, len(chunk))
+            advance(len(chunk))
             chunk.clear()
 
         try:
@@ -257,7 +243,7 @@ def _build_into(
             docs.close()
         if len(docs) == 0:
             raise Sr1Error(f"{corpus_path}: the corpus has no passages")
-        bar.update(task, description=f"finishing {name} ({retriever})")
+        advance(0, description=f"finishing {name} ({retriever})")
         return builder.finish(), len(docs)
 
 

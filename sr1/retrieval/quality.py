@@ -1,7 +1,8 @@
 """Retrieval quality on QA data: answer-in-top-k rate, and what random passages would score.
 
 A question counts as answered when a normalised golden answer occurs in one of its top-k
-passages (``sr1.scoring.answer_in_text``, the same check eval reports). The chance rate is
+passages as whole tokens (``sr1.tasks.qa.answer_in_text``, NFKC-folded: a retrieval measure,
+stricter than the substring rule Search-R1's reward uses). The chance rate is
 the expected rate for k passages drawn at random from the same corpus, computed exactly from
 how many passages contain each question's answer.
 """
@@ -10,13 +11,18 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from math import comb
 from typing import Any
 
 from sr1.retrieval.base import Passage, Retriever
-from sr1.scoring import _norm_unicode, answer_in_text, normalize_answer
+from sr1.tasks.qa import answer_in_text, normalize_answer
+
+
+def _norm_unicode(s: str) -> str:
+    return unicodedata.normalize("NFKC", s)
 
 
 def answer_hits(
@@ -24,7 +30,7 @@ def answer_hits(
 ) -> list[float]:
     """Per question, 1.0 when a golden answer appears in its retrieved passages."""
     return [
-        answer_in_text("\n".join(p.contents for p in ps), g)
+        answer_in_text("\n".join(p.contents for p in ps), g, nfkc=True)
         for ps, g in zip(results, golden, strict=True)
     ]
 
@@ -34,7 +40,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 
 
 def _fast_normalize(s: str) -> str:
-    """``sr1.scoring.normalize_answer`` with the punctuation loop done by ``str.translate``."""
+    """``sr1.tasks.qa.normalize_answer`` with the punctuation loop done by ``str.translate``."""
     return " ".join(_ARTICLES.sub(" ", s.lower().translate(_DROP_PUNCT)).split())
 
 

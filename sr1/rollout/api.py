@@ -8,6 +8,7 @@ from typing import Any
 from sr1.config import ExperimentConfig
 from sr1.errors import NotFoundError, Sr1Error
 from sr1.io import read_jsonl, write_jsonl_atomic
+from sr1.progress import ProgressFactory
 from sr1.rollout.types import Trajectory
 
 
@@ -89,32 +90,37 @@ def rollout(
     method: str = "search",
     template: str | None = None,
     greedy: bool = False,
-    progress: bool = True,
+    progress: ProgressFactory | None = None,
 ) -> dict[str, Any]:
     """Roll out ``cfg.model`` on the questions with the search loop.
 
     Returns ``{"out", "summary", "trajectories"}``; with ``out`` the trajectories are also
-    written there as JSON lines (atomically).
+    written there as JSON lines (atomically). ``progress`` reports trajectories finished
+    (:mod:`sr1.progress`; None or False: silent).
     """
     from sr1 import models
+    from sr1.envs import make_env
     from sr1.retrieval import open_retriever
     from sr1.rollout.engines import make_engine
     from sr1.rollout.loop import run_rollouts
 
     tok = models.load_tokenizer(cfg.model.name, cfg.model.revision)
     rows = load_rows(dataset, data_file, split, limit, tok, method, template or cfg.data.template)
-    retriever = open_retriever(index, cfg.retrieval)
+    retriever = open_retriever(index, cfg.retrieval) if cfg.rollout.env == "search" else None
+    env = make_env(cfg.rollout.env, retriever=retriever, topk=cfg.rollout.topk)
     engine = make_engine(
         cfg.rollout.engine, cfg.model.name, tok, cfg.rollout, cfg.model.device, cfg.model.dtype
     )
     trajs = run_rollouts(
         engine,
-        retriever,
+        env,
         rows,
         cfg.rollout,
         n_samples=cfg.rollout.n_samples,
         greedy=greedy,
         progress=progress,
+        scoring=cfg.scoring.options(),
+        default_task=cfg.scoring.default_task,
     )
     if out:
         write_jsonl_atomic(out, (t.to_dict() for t in trajs))
@@ -138,7 +144,7 @@ def summarize(trajs: list[Trajectory]) -> dict[str, Any]:
         "reward": sum(t.reward for t in trajs) / n,
         "answered": sum(t.answer is not None for t in trajs) / n,
         "well_formed": sum(float(t.metrics.get("well_formed", 0.0)) for t in trajs) / n,
-        "answer_in_docs": sum(float(t.metrics.get("answer_in_docs", 0.0)) for t in trajs) / n,
+        "answer_in_docs": sum(float(t.metrics.get("answer_in_docs") or 0.0) for t in trajs) / n,
         "searches_per_traj": sum(t.num_searches for t in trajs) / n,
         "response_tokens_mean": total / n,
         "masked_share": (total - sampled) / max(total, 1),

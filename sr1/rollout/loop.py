@@ -1,9 +1,12 @@
-"""The batched multi-turn Search-R1 rollout, building ids and the loss mask together.
+"""The batched multi-turn rollout over a tool environment, building ids and the loss mask together.
 
-Per turn, every active trajectory generates until ``</search>``, ``</answer>`` or EOS. All
-queries of the turn go to the retriever in one batched call; each searching trajectory gets
-``\\n\\n<information>Doc 1(Title: …) …</information>\\n\\n`` appended, an invalid turn gets
-the paper's notice. ``_State.append`` is the only way tokens enter a trajectory: sampled
+The loop is tool-agnostic: an :class:`~sr1.envs.base.Env` (search by default; passing a
+Retriever means ``SearchEnv(retriever, cfg.topk)``) owns the stop strings, the action parser,
+the batched ``execute``, the observation rendering and the invalid-action notice. Per turn,
+every active trajectory generates until the tool's closing tag, ``</answer>`` or EOS. All
+actions of the turn go to ``env.execute`` in one batched call; each gets its observation
+appended (for search, Search-R1's ``\\n\\n<information>Doc 1(Title: "…") …</information>\\n\\n``),
+an invalid turn gets the environment's notice. ``_State.append`` is the only way tokens enter a trajectory: sampled
 tokens with mask 1 and their engine log-probs, inserted tokens with mask 0 and log-prob 0,
 each run recorded as a segment (gen / obs / notice / force). Nothing is ever re-tokenised:
 ``response_ids`` is exactly the sequence the model saw, and ``text`` is its decode.
@@ -13,6 +16,9 @@ Stop strings ending mid-token: Qwen2.5 samples `` </search>\\n\\n`` as ``Ġ</``,
 included; the observation is then appended as separate tokens. Its leading ``\\n\\n`` is
 shortened by the newlines the model already wrote, so the text always reads
 ``</search>\\n\\n<information>`` as in Search-R1, whichever way the tokens fell.
+
+Scoring: ``sr1.tasks.task_for(data_source).score`` over the finished text (one scorer for
+rewards and eval).
 
 Turns (Search-R1's loop): ``max_turns`` turns may search (an invalid turn uses one up too),
 so at most ``max_turns`` searches run; then one final turn in which a search is not executed.
@@ -32,18 +38,26 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sr1.config import RolloutConfig
+from sr1.envs.base import ANSWER_STOP, INVALID_NOTICE, Env, Observation, encode
+from sr1.envs.search import SearchEnv
 from sr1.errors import Sr1Error
+from sr1.progress import ProgressFactory, resolve
 from sr1.retrieval.base import Passage, Retriever, format_passages
 from sr1.rollout.types import Trajectory
-from sr1.scoring import answer_in_text, score
+from sr1.tasks import ScoreOptions, task_for
 
-INVALID_NOTICE = (
-    "\nMy previous action is invalid. If I want to search, I should put the query between "
-    "<search> and </search>. If I want to give the final answer, I should put the answer "
-    "between <answer> and </answer>. Let me try again.\n"
-)
-SEARCH_STOPS = ["</search>", "</answer>"]
-ANSWER_STOPS = ["</answer>"]
+__all__ = [
+    "INVALID_NOTICE",
+    "TrajectoryState",
+    "observation_ids",
+    "parse_query",
+    "policy_text",
+    "run_rollouts",
+    "score_trajectory",
+]
+
+SEARCH_STOPS = ["</search>", ANSWER_STOP]
+ANSWER_STOPS = [ANSWER_STOP]
 # Segment kinds: what the policy samples (mask 1) and what the environment inserts (mask 0).
 GEN, OBS, NOTICE, FORCE = "gen", "obs", "notice", "force"
 # Spans scored as the model's answer text: never observations or notices (the notice itself
@@ -54,25 +68,24 @@ SCORED_KINDS = frozenset({GEN, FORCE})
 def parse_query(turn_text: str) -> str | None:
     """The query between the last ``</search>`` of this turn and the ``<search>`` before it
     (stripped); None when there is no such pair or the query is empty."""
-    end = turn_text.rfind("</search>")
-    start = turn_text.rfind("<search>", 0, max(end, 0))
-    if end < 0 or start < 0:
-        return None
-    return turn_text[start + len("<search>") : end].strip() or None
+    action = SearchEnv.parse(_PARSER, turn_text)
+    return action.content if action is not None else None
 
 
-class _State:
-    """A trajectory under construction; ``append`` is the only way tokens get in."""
+class TrajectoryState:
+    """A trajectory under construction; ``append`` is the only way tokens get in (rollouts and
+    SFT's gold trajectories alike)."""
 
     def __init__(self, traj: Trajectory) -> None:
         self.t = traj
         self.done = False
-        self.passages: list[Passage] = []
         self.forced = False
 
     def append(
         self, ids: Sequence[int], kind: str, logprobs: Sequence[float] | None = None
     ) -> None:
+        """Append ``ids`` as one segment: ``gen`` tokens get mask 1 and need one log-prob
+        each; every other kind is environment text (mask 0, log-prob 0)."""
         if not ids:
             return
         t = self.t
@@ -88,6 +101,13 @@ class _State:
             t.logprobs.extend([0.0] * len(ids))
         t.segments.append((kind, start, len(t.response_ids)))
 
+    def observe(self, env: Env, obs: Observation) -> None:
+        """Record what a tool call returned (queries, retrieved ids) on the trajectory."""
+        t = self.t
+        t.num_searches += 1
+        t.queries.append(str(obs.info.get("query", "")))
+        t.retrieved_ids.append(list(obs.info.get("ids", [])))
+
     def context(self) -> list[int]:
         return self.t.prompt_ids + self.t.response_ids
 
@@ -95,43 +115,57 @@ class _State:
         self.done, self.t.finish_reason = True, reason
 
 
+_State = TrajectoryState  # the name the tests and older callers use
+_PARSER = SearchEnv(None)  # parsing and rendering need no retriever
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode(tokenizer, text)
 
 
 def observation_ids(
     tokenizer: Any, passages: Sequence[Passage], max_obs_length: int, after: str
 ) -> list[int]:
-    """Token ids of the information block inserted after the text ``after``.
+    """Token ids of the search observation for ``passages`` inserted after the text ``after``
+    (Search-R1's block; see :meth:`sr1.envs.base.Env.observation_ids`)."""
+    obs = Observation(text=format_passages(passages))
+    return _PARSER.observation_ids(tokenizer, obs, max_obs_length, after)
 
-    The passages are cut to ``max_obs_length`` tokens while the opening and closing tags are
-    always kept; the leading ``\\n\\n`` is shortened by the newlines ``after`` ends with.
-    """
-    newlines = len(after) - len(after.rstrip("\n"))
-    lead = "\n" * max(0, 2 - newlines) + "<information>"
-    body = _encode(tokenizer, format_passages(passages))[:max_obs_length]
-    return _encode(tokenizer, lead) + body + _encode(tokenizer, "</information>\n\n")
+
+def as_env(env: Env | Retriever | None, cfg: RolloutConfig) -> Env | None:
+    """An Env for the rollout: a Retriever becomes ``SearchEnv(retriever, cfg.topk)``."""
+    if env is None or isinstance(env, Env):
+        return env
+    return SearchEnv(env, topk=cfg.topk)
 
 
 def run_rollouts(
     engine: Any,
-    retriever: Retriever | None,
+    env: Env | Retriever | None,
     rows: Sequence[dict[str, Any]],
     cfg: RolloutConfig,
     n_samples: int = 1,
     greedy: bool = False,
     reward_fn: Callable[[Trajectory], float] | None = None,
-    progress: bool = True,
+    progress: ProgressFactory | bool | None = None,
     seed: int | None = None,
+    scoring: ScoreOptions | None = None,
+    default_task: str = "qa",
 ) -> list[Trajectory]:
     """Roll out ``n_samples`` trajectories per row (rows: id, question, golden_answers,
-    data_source, prompt — the rendered prompt text, tokenised once here).
+    data_source, prompt — the rendered prompt text, tokenised once here) in ``env``
+    (a Retriever means search; None or ``cfg.max_turns == 0``: one turn, no tool).
 
-    Returns them grouped by row, in row order (``Trajectory.group`` = row index). Rewards
-    come from ``reward_fn(traj)`` when given, else EM (``sr1.scoring``).
+    Returns them grouped by row, in row order (``Trajectory.group`` = row index). Metrics come
+    from the task of each row's ``data_source`` (``sr1.tasks``, options ``scoring``); rewards
+    from ``reward_fn(traj)`` when given, else EM.
     """
     tok = engine.tokenizer
-    states: list[_State] = []
+    environment = as_env(env, cfg)
+    opts = scoring if scoring is not None else ScoreOptions()
+    if not opts.special_tokens:
+        opts = ScoreOptions(opts.nfkc, opts.answer_fallback, _special_tokens(tok))
+    states: list[TrajectoryState] = []
     for gi, row in enumerate(rows):
         pids = _encode(tok, row["prompt"])
         prompt = row["prompt"]
@@ -140,7 +174,7 @@ def run_rollouts(
             prompt = tok.decode(pids, skip_special_tokens=False)
         for _ in range(n_samples):
             states.append(
-                _State(
+                TrajectoryState(
                     Trajectory(
                         id=str(row["id"]),
                         question=row["question"],
@@ -155,59 +189,34 @@ def run_rollouts(
     bs = max(1, cfg.batch_size) * max(1, n_samples)
     temperature = 0.0 if greedy else cfg.temperature
     base_seed = cfg.seed if seed is None else seed
-    with _progress(progress, len(states)) as advance:
+    with resolve(progress)("rollout", len(states)) as advance:
         for start in range(0, len(states), bs):
             chunk = states[start : start + bs]
-            _rollout_chunk(engine, retriever, chunk, cfg, temperature, base_seed + start)
+            _rollout_chunk(engine, environment, chunk, cfg, temperature, base_seed + start)
             for s in chunk:
-                _finalize(s, tok, reward_fn)
+                finalize(s, tok, reward_fn, opts, default_task)
             advance(len(chunk))
     return [s.t for s in states]
 
 
-class _progress:
-    """A rich progress bar on stderr (or nothing), used as ``with _progress(on, n) as advance``."""
-
-    def __init__(self, on: bool, total: int) -> None:
-        self.bar = None
-        if on:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-            from sr1.cli.common import err_console
-
-            self.bar = Progress(
-                "rollout",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=err_console,
-                transient=True,
-            )
-            self.task = self.bar.add_task("rollout", total=total)
-
-    def __enter__(self) -> Callable[[int], None]:
-        if self.bar is None:
-            return lambda n: None
-        self.bar.start()
-        return lambda n: self.bar.update(self.task, advance=n)  # type: ignore[union-attr]
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+def _special_tokens(tok: Any) -> tuple[str, ...]:
+    return tuple(getattr(tok, "all_special_tokens", None) or ())
 
 
-def _room(s: _State, cfg: RolloutConfig, max_context: int) -> int:
+def _room(s: TrajectoryState, cfg: RolloutConfig, max_context: int) -> int:
     """Tokens this trajectory may still add (response budget and context limit)."""
     return min(
         cfg.max_total_response_length - len(s.t.response_ids), max_context - len(s.context())
     )
 
 
-def _out_of_room_reason(s: _State, cfg: RolloutConfig) -> str:
+def _out_of_room_reason(s: TrajectoryState, cfg: RolloutConfig) -> str:
     return "length" if len(s.t.response_ids) >= cfg.max_total_response_length else "context"
 
 
-def _insert(s: _State, ids: list[int], kind: str, cfg: RolloutConfig, max_context: int) -> bool:
+def _insert(
+    s: TrajectoryState, ids: list[int], kind: str, cfg: RolloutConfig, max_context: int
+) -> bool:
     """Append environment tokens (mask 0); if they do not fit, append what fits and end the
     trajectory. Returns whether the trajectory can go on."""
     room = _room(s, cfg, max_context)
@@ -221,12 +230,12 @@ def _insert(s: _State, ids: list[int], kind: str, cfg: RolloutConfig, max_contex
 
 def _generate(
     engine: Any,
-    active: list[_State],
+    active: list[TrajectoryState],
     cfg: RolloutConfig,
     stop: list[str],
     temperature: float,
     seed: int,
-) -> list[tuple[_State, Any]]:
+) -> list[tuple[TrajectoryState, Any]]:
     """One generate call for the trajectories with room left; sampled tokens are appended
     (mask 1) and the generation time is shared out. Returns (state, GenOutput) pairs."""
     budgets = []
@@ -262,45 +271,47 @@ def _generate(
 
 def _rollout_chunk(
     engine: Any,
-    retriever: Retriever | None,
-    chunk: list[_State],
+    env: Env | None,
+    chunk: list[TrajectoryState],
     cfg: RolloutConfig,
     temperature: float,
     seed: int,
 ) -> None:
     tok = engine.tokenizer
-    can_search = retriever is not None and cfg.max_turns > 0
-    n_turns = cfg.max_turns + 1 if can_search else 1
-    stops = SEARCH_STOPS if can_search else ANSWER_STOPS
-    to_force: list[_State] = []
+    tool = env if env is not None and cfg.max_turns > 0 else None
+    n_turns = cfg.max_turns + 1 if tool is not None else 1
+    stops = tool.stops if tool is not None else ANSWER_STOPS
+    to_force: list[TrajectoryState] = []
     for turn in range(n_turns):
         final = turn == n_turns - 1
         active = [s for s in chunk if not s.done]
         if not active:
             break
-        searches: list[tuple[_State, str]] = []
+        calls: list[tuple[TrajectoryState, Any]] = []
         turn_seed = seed + 100_003 * turn  # engines add the row index to it
         for s, o in _generate(engine, active, cfg, stops, temperature, turn_seed):
             turn_text = tok.decode(o.token_ids, skip_special_tokens=False)
-            query = parse_query(turn_text) if o.stop_str == "</search>" else None
+            action = tool.parse(turn_text) if tool is not None and o.stop_str == tool.stop else None
             if o.finish_reason == "eos":
-                s.finish("answer" if "</answer>" in turn_text else "eos")
-            elif o.stop_str == "</answer>":
+                s.finish("answer" if ANSWER_STOP in turn_text else "eos")
+            elif o.stop_str == ANSWER_STOP:
                 s.finish("answer")
             elif _room(s, cfg, engine.max_context) <= 0:
                 s.finish(_out_of_room_reason(s, cfg))
             elif final:
-                if can_search and cfg.force_answer:
+                if tool is not None and cfg.force_answer:
                     to_force.append(s)
                 else:
-                    s.finish("max_turns" if query is not None else "length")
-            elif query is not None:
-                searches.append((s, query))
-            else:  # no valid action this turn: the paper's notice (inserted, mask 0)
-                _insert(s, _encode(tok, INVALID_NOTICE), NOTICE, cfg, engine.max_context)
-        if searches:
-            assert retriever is not None
-            _search(tok, retriever, searches, cfg, engine.max_context)
+                    s.finish("max_turns" if action is not None else "length")
+            elif action is not None:
+                calls.append((s, action))
+            else:  # no valid action this turn: the environment's notice (inserted, mask 0)
+                assert tool is not None
+                notice = _encode(tok, tool.invalid_notice)
+                _insert(s, notice, NOTICE, cfg, engine.max_context)
+        if calls:
+            assert tool is not None
+            _execute(tok, tool, calls, cfg, engine.max_context)
     if to_force:
         _force_answers(engine, to_force, cfg, temperature, seed + 100_003 * n_turns)
     for s in chunk:
@@ -308,32 +319,28 @@ def _rollout_chunk(
             s.finish("max_turns")
 
 
-def _search(
+def _execute(
     tok: Any,
-    retriever: Retriever,
-    searches: list[tuple[_State, str]],
+    env: Env,
+    calls: list[tuple[TrajectoryState, Any]],
     cfg: RolloutConfig,
     max_context: int,
 ) -> None:
-    """All of a turn's queries in one batched retriever call; observations appended (mask 0)."""
+    """All of a turn's actions in one batched ``env.execute``; observations appended (mask 0)."""
     t0 = time.perf_counter()
-    results = retriever.search([q for _, q in searches], k=cfg.topk)
+    results = env.execute([a for _, a in calls])
     dt = time.perf_counter() - t0
-    if len(results) != len(searches):
-        raise Sr1Error(f"retriever returned {len(results)} results for {len(searches)} queries")
-    for (s, q), passages in zip(searches, results, strict=True):
-        s.t.retrieval_time_s += dt / len(searches)
-        s.t.num_searches += 1
-        s.t.queries.append(q)
-        s.t.retrieved_ids.append([p.id for p in passages])
-        s.passages.extend(passages)
+    if len(results) != len(calls):
+        raise Sr1Error(f"environment returned {len(results)} observations for {len(calls)}")
+    for (s, _), obs in zip(calls, results, strict=True):
+        s.t.retrieval_time_s += dt / len(calls)
+        s.observe(env, obs)
         after = tok.decode(s.t.response_ids[-4:], skip_special_tokens=False)
-        obs = observation_ids(tok, passages, cfg.max_obs_length, after)
-        _insert(s, obs, OBS, cfg, max_context)
+        _insert(s, env.observation_ids(tok, obs, cfg.max_obs_length, after), OBS, cfg, max_context)
 
 
 def _force_answers(
-    engine: Any, states: list[_State], cfg: RolloutConfig, temperature: float, seed: int
+    engine: Any, states: list[TrajectoryState], cfg: RolloutConfig, temperature: float, seed: int
 ) -> None:
     """Append the forced-answer suffix (mask 0) and let the model write the answer."""
     suffix = _encode(engine.tokenizer, cfg.force_answer_text)
@@ -370,15 +377,34 @@ def _mask_segments(mask: Sequence[int]) -> list[tuple[str, int, int]]:
     return out
 
 
-def _finalize(s: _State, tok: Any, reward_fn: Callable[[Trajectory], float] | None) -> None:
+def score_trajectory(
+    t: Trajectory,
+    tok: Any,
+    opts: ScoreOptions | None = None,
+    default_task: str = "qa",
+    docs: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The task metrics of a finished trajectory (``sr1.tasks``): what rewards and eval read.
+    ``docs`` overrides the retrieved texts (default: the response's information blocks)."""
+    opts = opts if opts is not None else ScoreOptions(special_tokens=_special_tokens(tok))
+    text = t.text or tok.decode(t.response_ids, skip_special_tokens=False)
+    forced = any(k == FORCE for k, _, _ in t.segments)
+    return task_for(t.data_source, default_task).score(
+        text, t.golden_answers, policy_text=policy_text(t, tok), forced=forced, docs=docs, opts=opts
+    )
+
+
+def finalize(
+    s: TrajectoryState,
+    tok: Any,
+    reward_fn: Callable[[Trajectory], float] | None = None,
+    opts: ScoreOptions | None = None,
+    default_task: str = "qa",
+) -> None:
+    """Decode, score (``score_trajectory``) and reward a finished trajectory."""
     t = s.t
     t.text = tok.decode(t.response_ids, skip_special_tokens=False)
-    m: dict[str, Any] = dict(score(policy_text(t, tok), t.golden_answers))
+    m = score_trajectory(t, tok, opts, default_task)
     t.answer = m.pop("answer")
-    if s.forced:  # the environment opened the answer: not the policy's own format
-        m["well_formed"] = 0.0
-    m["forced_answer"] = float(s.forced)
-    docs = "\n".join(p.contents for p in s.passages)
-    m["answer_in_docs"] = answer_in_text(docs, t.golden_answers) if s.passages else 0.0
     t.metrics = m
     t.reward = float(reward_fn(t)) if reward_fn is not None else float(m["em"])

@@ -24,6 +24,8 @@ import torch
 from sr1 import models
 from sr1.algos import core
 from sr1.config import ExperimentConfig, to_dict
+from sr1.progress import ProgressFactory
+from sr1.progress import resolve as resolve_progress
 from sr1.rollout.types import Trajectory
 from sr1.train.batch import collate, response_forward
 from sr1.train.checkpoint import save_checkpoint
@@ -80,23 +82,27 @@ def gold_trajectory(
     (``metadata["bridge"]`` before the next search, a gold answer before answering), then the
     next search or ``<answer> gold </answer>``.
     """
-    from sr1.rollout.loop import observation_ids
+    from sr1.envs.base import Action
+    from sr1.envs.search import SearchEnv
+    from sr1.rollout.loop import GEN, OBS, TrajectoryState, finalize
 
     enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     prompt_ids = enc(row["prompt"])[-cfg.rollout.max_prompt_length :]
-    t = Trajectory(
-        id=str(row["id"]),
-        question=row["question"],
-        golden_answers=list(row["golden_answers"]),
-        data_source=row.get("data_source", ""),
-        prompt=row["prompt"],
-        prompt_ids=prompt_ids,
+    state = TrajectoryState(
+        Trajectory(
+            id=str(row["id"]),
+            question=row["question"],
+            golden_answers=list(row["golden_answers"]),
+            data_source=row.get("data_source", ""),
+            prompt=row["prompt"],
+            prompt_ids=prompt_ids,
+        )
     )
+    env = SearchEnv(retriever, topk=cfg.rollout.topk)
 
-    def add(ids: Sequence[int], sampled: bool) -> None:
-        t.response_ids.extend(ids)
-        t.loss_mask.extend([int(sampled)] * len(ids))
-        t.logprobs.extend([0.0] * len(ids))
+    def say(text: str) -> None:  # a policy turn: mask 1 (gold text has no sampling log-probs)
+        ids = enc(text)
+        state.append(ids, GEN, [0.0] * len(ids))
 
     meta = row.get("metadata") or {}
     bridge = [str(meta["bridge"])] if meta.get("bridge") else []
@@ -109,12 +115,11 @@ def gold_trajectory(
             turn = FIRST_THINK.format(q=q)
         else:
             turn = NEXT_THINK.format(q=q, evidence=evidence(passages, bridge or golds)[0])
-        add(enc(turn), True)
-        passages = retriever.search([q], k=cfg.rollout.topk)[0]
-        add(observation_ids(tokenizer, passages, cfg.rollout.max_obs_length, turn), False)
-        t.queries.append(q)
-        t.retrieved_ids.append([p.id for p in passages])
-        t.num_searches += 1
+        say(turn)
+        (obs,) = env.execute([Action("search", q)])
+        passages = obs.info["passages"]
+        state.append(env.observation_ids(tokenizer, obs, cfg.rollout.max_obs_length, turn), OBS)
+        state.observe(env, obs)
     # longest gold first, so "Poste River" is preferred to "Poste" when the text has both
     sent, found = evidence(passages, sorted(golds, key=len, reverse=True))
     answer = found if found is not None else golds[0]
@@ -124,11 +129,10 @@ def gold_trajectory(
     final = enc(ANSWER.format(evidence=sent, a=answer))
     if tokenizer.eos_token_id is not None:
         final.append(int(tokenizer.eos_token_id))
-    add(final, True)
-    t.text = tokenizer.decode(t.response_ids, skip_special_tokens=False)
-    t.answer = answer
-    t.reward = 1.0
-    return t
+    state.append(final, GEN, [0.0] * len(final))
+    state.finish("answer")
+    finalize(state, tokenizer, opts=cfg.scoring.options(), default_task=cfg.scoring.default_task)
+    return state.t
 
 
 def sft(
@@ -137,7 +141,7 @@ def sft(
     index: str,
     dataset: str | None = None,
     max_steps: int | None = None,
-    progress: bool = True,
+    progress: ProgressFactory | None = None,
     rows: list[dict[str, Any]] | None = None,
     retriever: Any | None = None,
 ) -> dict[str, Any]:
@@ -147,7 +151,8 @@ def sft(
     from ``index``, ``trainer.sft_epochs`` epochs at ``trainer.sft_lr``, mini-batches of
     ``trainer.mini_batch_size`` with micro-batches of ``trainer.micro_batch_size``; LoRA when
     ``trainer.lora_rank`` > 0 (merged in the checkpoint). ``rows``/``retriever`` replace the
-    configured data and index (library use, tests).
+    configured data and index (library use, tests). ``progress`` reports optimiser updates,
+    labelled with the latest loss (:mod:`sr1.progress`; None or False: silent).
     """
     from transformers import AutoModelForCausalLM
 
@@ -221,9 +226,8 @@ def sft(
                 "masked_share": float(1 - batch.response_mask.sum() / batch.response_valid.sum()),
             }
         )
-        bar, task = _bar(progress, n_updates)
         step = 0
-        try:
+        with resolve_progress(progress)("sft", n_updates) as advance:
             while step < n_updates:
                 perm = torch.randperm(len(trajs), generator=g)
                 for s in range(0, len(trajs), t.mini_batch_size):
@@ -250,11 +254,7 @@ def sft(
                          "perf/train_tokens_per_s": ntok / max(dt, 1e-9)}  # fmt: skip
                     run.log_metrics(step, m)
                     steps.append({"step": step, **m})
-                    if bar is not None:
-                        bar.update(task, advance=1, description=f"sft loss {total:.3f}")
-        finally:
-            if bar is not None:
-                bar.stop()
+                    advance(1, description=f"sft loss {total:.3f}")
         out = save_checkpoint(run.dir / "checkpoints" / "final", policy, tok, {"step": step})
         run.log_artifact(out, kind="checkpoint")
         return {
@@ -264,17 +264,3 @@ def sft(
             "n_examples": len(trajs),
             "final_loss": steps[-1]["sft/loss"] if steps else None,
         }
-
-
-def _bar(enabled: bool, total: int) -> tuple[Any, Any]:
-    if not enabled:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from sr1.cli.common import err_console
-
-    bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err_console
-    )
-    bar.start()
-    return bar, bar.add_task("sft", total=total)

@@ -40,6 +40,8 @@ from sr1.algos import core
 from sr1.algos.rewards import make_reward_fn
 from sr1.config import ExperimentConfig, resolve_config, to_dict
 from sr1.errors import ConfigError, NotFoundError
+from sr1.progress import ProgressFactory, silent
+from sr1.progress import resolve as resolve_progress
 from sr1.registry import Registry
 from sr1.rollout.types import Trajectory
 from sr1.train.batch import (
@@ -518,7 +520,7 @@ def train(
     model: str,
     resume: str | None = None,
     max_steps: int | None = None,
-    progress: bool = True,
+    progress: ProgressFactory | None = None,
     rows: list[dict[str, Any]] | None = None,
     retriever: Any | None = None,
 ) -> dict[str, Any]:
@@ -527,8 +529,10 @@ def train(
     ``resume=RUN_ID`` reloads that run's config and latest ``step-N`` checkpoint and continues
     with the same data order, optimiser and RNG state (``cfg``/``algo``/``model`` are then
     ignored). ``rows`` (with rendered ``prompt``) and ``retriever`` replace the configured
-    training data and index, for library use and tests.
+    training data and index, for library use and tests. ``progress`` reports steps, labelled
+    with the latest mean reward, on the main process (:mod:`sr1.progress`; None: silent).
     """
+    from sr1.envs import make_env
     from sr1.retrieval import open_retriever
     from sr1.rollout.engines import make_engine
     from sr1.rollout.loop import run_rollouts
@@ -570,8 +574,9 @@ def train(
         trainer.load_state_dict(st)
         order.load(st["data"])
         start = int(st["step"])
-    if retriever is None:
+    if retriever is None and cfg.rollout.env == "search":
         retriever = open_retriever(cfg.retrieval.index, cfg.retrieval)
+    env = make_env(cfg.rollout.env, retriever=retriever, topk=cfg.rollout.topk)
     engine = make_engine(
         cfg.rollout.engine,
         trainer.engine_model(),
@@ -608,21 +613,23 @@ def train(
                     "n_train_rows": len(rows),
                 }
             )
-        bar, task = _progress_bar(progress and accelerator.is_main_process, total, start)
         with _StopFlag() as stop:
-            try:
+            bars = resolve_progress(progress) if accelerator.is_main_process else silent
+            with bars("train", total, start) as advance:
                 for step in range(start + 1, total + 1):
                     t0 = time.perf_counter()
                     picked = [rows[i] for i in order.take(cfg.trainer.prompts_per_step)]
                     trajs = run_rollouts(
                         engine,
-                        retriever,
+                        env,
                         picked[rank::world],
                         cfg.rollout,
                         n_samples=n,
                         reward_fn=reward_fn,
                         progress=False,
                         seed=cfg.rollout.seed + 7919 * step + rank,
+                        scoring=cfg.scoring.options(),
+                        default_task=cfg.scoring.default_task,
                     )
                     t1 = time.perf_counter()
                     m = trainer.step_on(trajs)
@@ -646,18 +653,10 @@ def train(
                         last_ckpt = _save(
                             trainer, accelerator, ckpt_dir / f"step-{step}", step, order
                         )
-                    if bar is not None:
-                        bar.update(
-                            task,
-                            advance=1,
-                            description=f"step {step} reward {m['reward/mean']:.3f}",
-                        )
+                    advance(1, description=f"step {step} reward {m['reward/mean']:.3f}")
                     if stop.set:
                         interrupted = True
                         break
-            finally:
-                if bar is not None:
-                    bar.stop()
         final = None
         if not interrupted and last_ckpt is not None and accelerator.is_main_process:
             final = ckpt_dir / "final"
@@ -683,24 +682,6 @@ def _save(trainer: RLTrainer, acc: Any, out: Path, step: int, order: DataOrder) 
         trainer.save(out, {"step": step, "data": order.state()})
     acc.wait_for_everyone()
     return out
-
-
-def _progress_bar(enabled: bool, total: int, done: int) -> tuple[Any, Any]:
-    if not enabled:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from sr1.cli.common import err_console
-
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-    )
-    bar.start()
-    return bar, bar.add_task("train", total=total, completed=done)
 
 
 def steps_per_second(steps: Sequence[dict[str, float]]) -> float:

@@ -12,6 +12,7 @@ from sr1.config import AlgorithmConfig
 from sr1.errors import NotFoundError
 
 SEEDS = [0, 1, 2, 3, 4]
+MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
 def _random_mask(g: torch.Generator, B: int, R: int) -> torch.Tensor:
@@ -206,9 +207,13 @@ def test_agg_modes_match_loop(seed):
     assert core.agg_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx(
         naive_seq_mean(loss, mask, False), abs=1e-5
     )
+    total = naive_token_mean(loss, mask) * max(1, int(mask.sum()))  # sum over policy tokens
+    assert core.agg_loss(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx(
+        total / mask.shape[-1], abs=1e-5
+    )
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+@pytest.mark.parametrize("mode", MODES)
 def test_micro_batches_sum_to_minibatch_loss(mode):
     _, mask, loss, _ = _batch(7, B=8)
     whole = core.agg_loss(loss, mask, mode)
@@ -308,7 +313,7 @@ def test_entropy_and_logprobs_from_logits():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("loss_name", ["vanilla", "gspo"])
 def test_gradient_at_retrieved_positions_is_exactly_zero(seed, mode, loss_name):
     g, mask, adv, _ = _batch(seed, B=4, R=10)
@@ -350,8 +355,8 @@ def test_advantage_registry_dispatch():
     [
         (core.ADV_ESTIMATORS, ["gae", "grpo", "reinforce_pp", "rloo"]),
         (core.POLICY_LOSSES, ["gspo", "vanilla"]),
-        (core.KL_ESTIMATORS, ["k1", "k2", "k3"]),
-        (core.LOSS_AGG_MODES, ["seq-mean-token-mean", "seq-mean-token-sum", "token-mean"]),
+        (core.KL_ESTIMATORS, ["k1", "k2", "k3", "kl", "low_var_kl", "mse"]),
+        (core.LOSS_AGG_MODES, MODES),
     ],
 )
 def test_registry_errors_list_valid_names(registry, valid):

@@ -1,16 +1,19 @@
-"""Rewards: chosen by name, computed through sr1.scoring, Search-R1's format-reward table."""
+"""Rewards: chosen by name, over the task scorer's metrics (sr1.tasks), Search-R1's format table."""
 
 from __future__ import annotations
 
 import pytest
 
-from sr1 import scoring
 from sr1.algos.rewards import REWARDS, format_reward, make_reward_fn, trajectory_metrics
 from sr1.config import AlgorithmConfig
 from sr1.errors import NotFoundError
 from sr1.rollout.types import Trajectory
+from sr1.tasks import task_for
 
-WF_RIGHT = "<think> x </think>\n<search> q </search>\n<think> y </think>\n<answer> Paris </answer>"
+WF_RIGHT = (
+    "<think> x </think>\n<search> q </search>\n\n<information>Doc 1(Title: Lyon) Lyon"
+    "</information>\n\n<think> y </think>\n<answer> Paris </answer>"
+)
 WF_WRONG = "<think> x </think>\n<answer> Lyon </answer>"
 MAL_RIGHT = "<think> x \n<answer> Paris </answer>"  # unclosed think
 MAL_WRONG = "<think> x \n<answer> Lyon </answer>"
@@ -18,7 +21,7 @@ NO_ANSWER = "<think> x </think>\n<search> q </search>"
 
 
 def _traj(policy_text: str, answer_in_docs: float = 0.0) -> Trajectory:
-    m = scoring.score(policy_text, ["Paris", "City of Paris"])
+    m = task_for("t").score(policy_text, ["Paris", "City of Paris"])
     answer = m.pop("answer")
     m["answer_in_docs"] = answer_in_docs
     return Trajectory(

@@ -16,7 +16,7 @@ from sr1.cli.main import app
 from sr1.config import resolve_config
 from sr1.errors import NotFoundError, Sr1Error
 from sr1.eval.checkpoints import latest_checkpoint, resolve_run_checkpoint
-from sr1.scoring import score
+from sr1.tasks import task_for
 from sr1.tracking.store import Store
 
 # Tiny budgets: tiny-qwen2 emits random tokens, so these tests check plumbing, not accuracy.
@@ -79,7 +79,7 @@ def test_rows_recompute_to_summary(tiny_qwen2: str, shared_data: Path) -> None:
         assert len(ds) == 4 == summary["datasets"][d]["n"]
         # every stored EM is the shared scorer applied to the stored response ...
         for r in ds:
-            s = score(r["response"], r["golden_answers"])
+            s = task_for(d).score(r["response"], r["golden_answers"])
             assert (r["em"], r["f1"], r["prediction"]) == (s["em"], s["f1"], s["answer"])
             assert r["answer_in_docs"] is None and r["num_searches"] == 0
             assert 0 < r["response_tokens"] <= 6 and r["seconds"] > 0
@@ -266,6 +266,7 @@ def test_answer_fallback_scores_the_first_line_of_untagged_responses() -> None:
     from sr1.eval.methods import get_method
     from sr1.eval.runner import _example_row, fallback_answer
     from sr1.rollout.types import Trajectory
+    from sr1.tasks import ScoreOptions
 
     specials = ["<|im_end|>"]
     assert fallback_answer("The answer is: Paris.<|im_end|>", specials) == "Paris."
@@ -276,13 +277,22 @@ def test_answer_fallback_scores_the_first_line_of_untagged_responses() -> None:
         id="q1", question=row["question"], golden_answers=["Paris"], data_source="nq",
         prompt="", prompt_ids=[], text="Answer: Paris<|im_end|>",
     )  # fmt: skip
-    args = ("nq", "dev", row, t, get_method("direct"), None, 0.1, t.text)
-    strict = _example_row(*args)
+    qa = task_for("nq")
+
+    def row_for(text: str, fallback: str) -> dict:
+        m = qa.score(
+            text,
+            ["Paris"],
+            opts=ScoreOptions(answer_fallback=fallback, special_tokens=tuple(specials)),
+        )
+        return _example_row("nq", "dev", row, t, get_method("direct"), None, 0.1, m)
+
+    strict = row_for(t.text, "none")
     assert (
         strict["prediction"] is None and strict["em"] == 0.0 and strict["answer_source"] == "none"
     )
-    loose = _example_row(*args, fallback="response", special_tokens=specials)
+    loose = row_for(t.text, "response")
     assert (loose["prediction"], loose["em"], loose["answer_source"]) == ("Paris", 1.0, "fallback")
     assert loose["well_formed"] == 0.0  # the format check stays strict
-    tagged = _example_row(*args[:-1], "<answer> Paris </answer>", fallback="response")
+    tagged = row_for("<answer> Paris </answer>", "response")
     assert tagged["answer_source"] == "tag" and tagged["em"] == 1.0

