@@ -34,7 +34,7 @@ def _passage(item: Any) -> Passage:
 
 
 class RemoteRetriever:
-    """Batched search against ``<url>/retrieve``; big batches are split to the server's limit."""
+    """Batched search against ``<url>/retrieve``; batches over ``server_max_queries`` are split."""
 
     kind = "remote"
 
@@ -44,7 +44,8 @@ class RemoteRetriever:
         self.url = base if base.endswith("/retrieve") else base + "/retrieve"
         self.base = self.url[: -len("/retrieve")]
         self.timeout = cfg.remote_timeout_s
-        self.max_batch = max(1, cfg.server_max_batch)
+        # One request per batch up to the server's request limit (it chunks internally).
+        self.max_batch = max(1, cfg.server_max_queries)
 
     def _post(self, queries: list[str], k: int) -> list[list[Passage]]:
         body = json.dumps({"queries": queries, "topk": k, "return_scores": True}).encode()
