@@ -8,8 +8,12 @@ resolved :class:`ExperimentConfig`; ``to_dict`` gives the form saved with every 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,32 +23,155 @@ import yaml
 from sr1.errors import ConfigError
 
 
-def opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" mirrors argparse/TRL naming
-    """A dataclass field with a default and help text (mutable defaults handled)."""
+def opt(
+    default: Any,
+    help: str,  # noqa: A002 - "help" mirrors argparse/TRL naming
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple[str, ...] | str | None = None,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """A dataclass field with a default, help text and its valid values.
+
+    ``ge``/``gt``/``le``/``lt`` bound numbers (NaN and infinities are never valid); ``choices``
+    is a tuple of names or ``"module:REGISTRY"`` (the names of an ``sr1.registry.Registry``,
+    imported only when a non-default value is checked); ``check(value)`` returns an error
+    message or None. Every section validates itself on construction (``_Section``), so YAML,
+    ``--set``, CLI flags and ``dataclasses.replace`` in code are all checked, once, before
+    any work starts.
+    """
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    meta["check"] = check
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _choices(spec: tuple[str, ...] | str) -> list[str]:
+    if isinstance(spec, tuple):
+        return list(spec)
+    module, _, attr = spec.partition(":")
+    return list(getattr(importlib.import_module(module), attr).names())
+
+
+def valid_range(f: dataclasses.Field) -> str:
+    """The valid values of a config field, in words (``--help`` and docs)."""
+    m = f.metadata
+    parts = []
+    for key, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if m.get(key) is not None:
+            parts.append(f"{sym} {m[key]:g}")
+    spec = m.get("choices")
+    if spec is not None:
+        parts.append("one of " + ", ".join(spec) if isinstance(spec, tuple) else f"in {spec}")
+    return " and ".join(parts)
+
+
+_CMP = {
+    "ge": lambda a, b: a >= b,
+    "gt": lambda a, b: a > b,
+    "le": lambda a, b: a <= b,
+    "lt": lambda a, b: a < b,
+}
+
+
+def _field_error(f: dataclasses.Field, value: Any) -> str | None:
+    """Why ``value`` is not valid for field ``f`` (None when it is)."""
+    m = f.metadata
+    if value is None:
+        return None
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            return "must be a finite number"
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            for key, ok in _CMP.items():
+                if m.get(key) is not None and not ok(v, m[key]):
+                    return f"must be {valid_range(f)}"
+        if m.get("choices") is not None and isinstance(v, str):
+            names = _choices(m["choices"])
+            if v not in names:
+                return f"must be one of {', '.join(names)}"
+    return m["check"](value) if m.get("check") is not None else None
+
+
+class _Section:
+    """Validates every field of a config section when it is built (defaults are trusted:
+    ``tests/foundation/test_config_values.py`` checks they are valid)."""
+
+    def __post_init__(self) -> None:
+        section = _SECTION_NAMES.get(type(self).__name__, type(self).__name__)
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value) or _is_default(f, value):
+                continue
+            err = _field_error(f, value)
+            if err is not None:
+                raise ConfigError(
+                    f"{section}.{f.name}={value!r}: {err}",
+                    hint=f.metadata.get("help") or None,
+                )
+
+
+def _is_default(f: dataclasses.Field, value: Any) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return bool(value == f.default) and type(value) is type(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return bool(value == f.default_factory())
+    return False
+
+
+def validate_defaults(cls: type) -> list[str]:
+    """Errors of a section's own defaults (a test keeps this empty)."""
+    errs = []
+    for f in dataclasses.fields(cls):
+        v = getattr(cls(), f.name)
+        if not dataclasses.is_dataclass(v):
+            err = _field_error(f, v)
+            if err:
+                errs.append(f"{cls.__name__}.{f.name}={v!r}: {err}")
+    return errs
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu|npu)(:\d+)?)$")
+
+
+def _device_check(value: str) -> str | None:
+    if not _DEVICE.match(value):
+        return "must be auto, cpu, mps, cuda or cuda:N (xpu and npu likewise)"
+    return None
+
+
+def _bm25_threads_check(value: int) -> str | None:
+    return None if value == -1 or value >= 1 else "must be -1 (all cores) or >= 1"
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     name: str = opt("smollm2-135m", "Model alias (sr1 model list), HF hub name, or local path.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) for hub models.")
     dtype: str = opt(
-        "auto", "auto (bf16 on GPU with bf16 support, fp32 on CPU), float32, bfloat16, float16."
+        "auto",
+        "auto (bf16 on GPU with bf16 support, fp32 on CPU), float32, bfloat16, float16.",
+        choices=("auto", "float32", "bfloat16", "float16"),
     )
-    device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N.", check=_device_check)
     trust_remote_code: bool = opt(False, "Pass trust_remote_code to transformers.")
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     train_datasets: list[str] = opt(
-        ["nq", "hotpotqa"], "Datasets whose train split forms the training mix."
+        ["nq", "hotpotqa"],
+        "Datasets whose train split forms the training mix.",
+        choices="sr1.data.datasets:DATASETS",
     )
     eval_datasets: list[str] = opt(
         ["nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle"],
         "Datasets evaluated by --all-datasets.",
+        choices="sr1.data.datasets:DATASETS",
     )
     source_dir: str | None = opt(
         None, "Directory of FlashRAG-format <dataset>/<split>.jsonl files."
@@ -53,73 +180,91 @@ class DataConfig:
         "base",
         "Prompt template: base (raw Search-R1 prompt), instruct (chat template) or auto "
         "(chat template when the tokenizer has one, as Search-R1's trainer does).",
+        choices="sr1.data.prompts:TEMPLATES",
     )
     search_prompt: str = opt(
         "search",
         "Prompt of the search method in sft, train, rollout and eval: search (the paper's, "
         "verbatim) or search_short (same tags and rules in under half the tokens; the CPU "
         "quickstart's choice). Recorded with every run.",
+        choices="sr1.data.prompts:METHODS",
     )
-    max_train_examples: int | None = opt(None, "Cap on training examples (None = all).")
-    seed: int = opt(0, "Seed for shuffling and sampling data.")
+    max_train_examples: int | None = opt(None, "Cap on training examples (None = all).", ge=1)
+    seed: int = opt(0, "Seed for shuffling and sampling data.", ge=0)
 
 
 @dataclass(frozen=True)
-class RetrievalConfig:
+class RetrievalConfig(_Section):
     index: str = opt(
         "wiki18",
         "Index name (sr1 index list) or an http(s) URL of a /retrieve server; the benchmarks "
         "use wiki18 (build it with `sr1 index build wiki18 --corpus-file PATH`).",
     )
-    retriever: str = opt("bm25", "bm25 or dense.")
-    topk: int = opt(3, "Passages returned per query.")
+    retriever: str = opt("bm25", "bm25 or dense.", choices="sr1.retrieval.index:KINDS")
+    topk: int = opt(3, "Passages returned per query.", ge=1, le=1000)
     encoder: str = opt("intfloat/e5-base-v2", "Dense encoder: sentence-transformers name or path.")
     query_prefix: str = opt("query: ", "Prefix added to queries for the dense encoder (e5 style).")
     passage_prefix: str = opt(
         "passage: ", "Prefix added to passages for the dense encoder (e5 style)."
     )
-    faiss_index: str = opt("flat", "faiss index type for dense retrieval: flat or hnsw.")
-    encode_batch_size: int = opt(256, "Batch size for dense passage encoding.")
+    faiss_index: str = opt(
+        "flat", "faiss index type for dense retrieval: flat or hnsw.", choices=("flat", "hnsw")
+    )
+    encode_batch_size: int = opt(256, "Batch size for dense passage encoding.", ge=1)
     encode_max_length: int = opt(
-        256, "Dense encoder token limit per passage/query (longer ones are cut)."
+        256, "Dense encoder token limit per passage/query (longer ones are cut).", ge=1
     )
     bm25_backend: str = opt(
         "auto",
         "bm25s backend: numba (about 50x faster per query, but a ~6 s JIT compile per process), "
         "numpy, or auto (numba from bm25_numba_min_passages passages up).",
+        choices=("auto", "numba", "numpy"),
     )
     bm25_numba_min_passages: int = opt(
-        100_000, "With bm25_backend=auto, indices this large use numba; smaller ones numpy."
+        100_000, "With bm25_backend=auto, indices this large use numba; smaller ones numpy.", ge=0
     )
-    bm25_k1: float = opt(1.5, "BM25 k1 (term-frequency saturation).")
-    bm25_b: float = opt(0.75, "BM25 b (document-length normalisation).")
-    bm25_threads: int = opt(1, "Threads for one BM25 batch search (numba backend; -1 = all cores).")
-    hnsw_m: int = opt(32, "HNSW graph degree (faiss_index=hnsw).")
-    hnsw_ef_construction: int = opt(200, "HNSW efConstruction (build-time beam width).")
-    hnsw_ef_search: int = opt(128, "HNSW efSearch (query-time beam width).")
+    bm25_k1: float = opt(1.5, "BM25 k1 (term-frequency saturation).", ge=0)
+    bm25_b: float = opt(0.75, "BM25 b (document-length normalisation).", ge=0, le=1)
+    bm25_threads: int = opt(
+        1,
+        "Threads for one BM25 batch search (numba backend; -1 = all cores).",
+        check=_bm25_threads_check,
+    )
+    hnsw_m: int = opt(32, "HNSW graph degree (faiss_index=hnsw).", ge=2)
+    hnsw_ef_construction: int = opt(200, "HNSW efConstruction (build-time beam width).", ge=1)
+    hnsw_ef_search: int = opt(128, "HNSW efSearch (query-time beam width).", ge=1)
     build_chunk: int = opt(
-        8192, "Passages per build chunk (dense: embeddings saved per chunk, so a crash resumes)."
+        8192,
+        "Passages per build chunk (dense: embeddings saved per chunk, so a crash resumes).",
+        ge=1,
     )
     skip_bad_lines: bool = opt(False, "Skip malformed corpus lines instead of stopping.")
     server_max_batch: int = opt(
         512,
         "Queries per search call inside the retrieval server: a request's queries are searched "
         "in chunks this size (concurrent requests merged up to it), which bounds memory.",
+        ge=1,
     )
     server_max_queries: int = opt(
         16384,
         "Most queries one /retrieve request may carry (413 above); a GRPO turn of 512 prompts "
         "x 5 samples = 2,560 queries fits in one request.",
+        ge=1,
     )
-    server_max_body_mb: int = opt(64, "Largest /retrieve request body, in MiB (413 above).")
+    server_max_body_mb: int = opt(64, "Largest /retrieve request body, in MiB (413 above).", ge=1)
     server_max_topk: int = opt(
-        100, "Largest topk the server returns; a larger topk is clamped to it (and to the corpus)."
+        100,
+        "Largest topk the server returns; a larger topk is clamped to it (and to the corpus).",
+        ge=1,
     )
-    server_cache_size: int = opt(10000, "Entries in the server's (query, k) LRU result cache.")
+    server_cache_size: int = opt(
+        10000, "Entries in the server's (query, k) LRU result cache.", ge=0
+    )
     server_batch_wait_ms: float = opt(
         0.0,
         "Extra wait to gather concurrent requests into one search (0: batch whatever queued "
         "while the previous search ran).",
+        ge=0,
     )
     remote_timeout_s: float = opt(60.0, "HTTP timeout for a remote /retrieve server.")
     wiki18_corpus: str | None = opt(
@@ -130,34 +275,45 @@ class RetrievalConfig:
 
 
 @dataclass(frozen=True)
-class RolloutConfig:
-    engine: str = opt("hf", "Generation engine: hf (transformers generate) or vllm.")
+class RolloutConfig(_Section):
+    engine: str = opt(
+        "hf",
+        "Generation engine: hf (transformers generate) or vllm.",
+        choices="sr1.rollout.engines:ENGINES",
+    )
     env: str = opt(
         "search",
         "Tool environment the policy calls (sr1.envs): search (the retriever, Search-R1) or "
         "calculator (arithmetic, <calculator> expr </calculator>).",
+        choices="sr1.envs:ENVS",
     )
     max_turns: int = opt(
         2,
         "Turns that may search (at most this many searches); then one final turn whose search "
         "is not executed (then force_answer). 0 = single turn, no search.",
+        ge=0,
+        le=64,
     )
-    topk: int = opt(3, "Passages inserted per search call (k=3 in the paper).")
-    max_response_length: int = opt(128, "Max tokens the policy generates per turn.")
+    topk: int = opt(3, "Passages inserted per search call (k=3 in the paper).", ge=1, le=100)
+    max_response_length: int = opt(128, "Max tokens the policy generates per turn.", ge=1)
     max_total_response_length: int = opt(
-        768, "Max tokens of the whole response (generated + inserted)."
+        768, "Max tokens of the whole response (generated + inserted).", ge=1
     )
     max_obs_length: int = opt(
-        200, "Observation (<information> block) tokens kept; longer ones are truncated."
+        200, "Observation (<information> block) tokens kept; longer ones are truncated.", ge=0
     )
-    max_prompt_length: int = opt(512, "Prompts longer than this many tokens are left-truncated.")
-    temperature: float = opt(1.0, "Sampling temperature for training rollouts.")
-    top_p: float = opt(1.0, "Nucleus sampling p.")
-    n_samples: int = opt(1, "Responses per prompt (GRPO/RLOO group size).")
-    batch_size: int = opt(16, "Prompts per generation batch.")
-    vllm_gpu_memory_utilization: float = opt(0.5, "vLLM GPU memory fraction (GPU only).")
-    vllm_kv_cache_gib: int = opt(2, "vLLM CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
-    seed: int = opt(0, "Sampling seed.")
+    max_prompt_length: int = opt(
+        512, "Prompts longer than this many tokens are left-truncated.", ge=1
+    )
+    temperature: float = opt(1.0, "Sampling temperature for training rollouts.", ge=0, le=10)
+    top_p: float = opt(1.0, "Nucleus sampling p.", gt=0, le=1)
+    n_samples: int = opt(1, "Responses per prompt (GRPO/RLOO group size).", ge=1, le=1024)
+    batch_size: int = opt(16, "Prompts per generation batch.", ge=1)
+    vllm_gpu_memory_utilization: float = opt(
+        0.5, "vLLM GPU memory fraction (GPU only).", gt=0, le=1
+    )
+    vllm_kv_cache_gib: int = opt(2, "vLLM CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).", ge=1)
+    seed: int = opt(0, "Sampling seed.", ge=0)
     force_answer: bool = opt(
         True,
         "When the turns are used up without an answer, append force_answer_text (mask 0) and "
@@ -170,38 +326,46 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
-class AlgorithmConfig:
-    name: str = opt("grpo", "ppo, grpo, reinforce_pp or rloo.")
-    gamma: float = opt(1.0, "GAE discount.")
-    lam: float = opt(1.0, "GAE lambda.")
+class AlgorithmConfig(_Section):
+    name: str = opt("grpo", "ppo, grpo, reinforce_pp or rloo.", choices="sr1.train.trainer:ALGOS")
+    gamma: float = opt(1.0, "GAE discount.", ge=0, le=1)
+    lam: float = opt(1.0, "GAE lambda.", ge=0, le=1)
     norm_adv_by_std: bool = opt(True, "GRPO: divide group-centred rewards by the group std.")
     clip_ratio: float = opt(
         0.2,
         "PPO clip epsilon (lower). policy_loss=gspo keeps its own 3e-4/4e-4 unless clip_ratio "
         "or clip_ratio_high is changed.",
+        gt=0,
+        lt=1,
     )
     clip_ratio_high: float | None = opt(
-        None, "Upper clip epsilon (clip-higher, DAPO); None = clip_ratio."
+        None, "Upper clip epsilon (clip-higher, DAPO); None = clip_ratio.", gt=0, lt=1
     )
     dual_clip_c: float | None = opt(
-        None, "Dual-clip constant c (>1) for negative advantages; None = off."
+        None, "Dual-clip constant c (>1) for negative advantages; None = off.", gt=1
     )
-    value_clip: float = opt(0.5, "Value-function clip range (PPO).")
-    kl_coef: float = opt(0.001, "KL-to-reference coefficient.")
+    value_clip: float = opt(0.5, "Value-function clip range (PPO).", gt=0)
+    kl_coef: float = opt(0.001, "KL-to-reference coefficient.", ge=0)
     kl_estimator: str = opt(
         "k3",
         "KL estimator: k1, k2 or k3 (low-variance, value clamped to 10); verl's names kl, mse "
         "and low_var_kl are the same three.",
+        choices="sr1.algos.core:KL_ESTIMATORS",
     )
     kl_in_reward: bool = opt(False, "Apply KL as a reward penalty instead of a loss term.")
-    entropy_coef: float = opt(0.001, "Entropy bonus coefficient.")
+    entropy_coef: float = opt(0.001, "Entropy bonus coefficient.", ge=0)
     loss_agg: str = opt(
         "token-mean",
         "Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean or "
         "seq-mean-token-sum-norm (sum of sequence token sums / padded response length, Dr. GRPO "
         "and verl). policy_loss=gspo keeps its own seq-mean-token-mean unless this is changed.",
+        choices="sr1.algos.core:LOSS_AGG_MODES",
     )
-    reward: str = opt("em", "Reward: em, f1 or format (EM with format shaping).")
+    reward: str = opt(
+        "em",
+        "Reward: em, f1 or format (EM with format shaping).",
+        choices="sr1.algos.rewards:REWARDS",
+    )
     use_mask: bool = opt(
         True, "Mask retrieved tokens out of the loss (the paper's point; off only for ablation)."
     )
@@ -209,29 +373,44 @@ class AlgorithmConfig:
         None,
         "Advantage estimator (gae, grpo, rloo, reinforce_pp, reinforce_pp_baseline); "
         "None = the algorithm's own (ppo: gae, grpo: grpo, rloo: rloo, reinforce_pp: reinforce_pp).",
+        choices="sr1.algos.core:ADV_ESTIMATORS",
     )
-    policy_loss: str = opt("vanilla", "Policy loss: vanilla (PPO clip) or gspo (sequence ratio).")
+    policy_loss: str = opt(
+        "vanilla",
+        "Policy loss: vanilla (PPO clip) or gspo (sequence ratio).",
+        choices="sr1.algos.core:POLICY_LOSSES",
+    )
     format_score: float = opt(
-        0.2, "Format reward: well-formed but wrong (and subtracted from correct but malformed)."
+        0.2,
+        "Format reward: well-formed but wrong (and subtracted from correct but malformed).",
+        ge=0,
+        le=1,
     )
-    final_format_score: float = opt(0.1, "Format reward: an answer, wrong and malformed.")
+    final_format_score: float = opt(
+        0.1, "Format reward: an answer, wrong and malformed.", ge=0, le=1
+    )
     retrieval_score: float = opt(
-        0.0, "Format reward: extra credit when well-formed, wrong, and a gold answer was retrieved."
+        0.0,
+        "Format reward: extra credit when well-formed, wrong, and a gold answer was retrieved.",
+        ge=0,
+        le=1,
     )
 
 
 @dataclass(frozen=True)
-class TrainerConfig:
-    max_steps: int = opt(20, "RL steps (each: rollout a batch, then update).")
-    prompts_per_step: int = opt(8, "Prompts per RL step (train batch size).")
-    ppo_epochs: int = opt(1, "Passes over each rollout batch.")
-    mini_batch_size: int = opt(8, "Trajectories per optimiser update.")
-    micro_batch_size: int = opt(4, "Trajectories per forward/backward (gradient accumulation).")
-    lr: float = opt(1e-6, "Actor learning rate.")
-    critic_lr: float = opt(1e-5, "Critic learning rate (PPO).")
-    warmup_steps: int = opt(0, "Linear lr warmup steps.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    grad_clip: float = opt(1.0, "Max gradient norm.")
+class TrainerConfig(_Section):
+    max_steps: int = opt(20, "RL steps (each: rollout a batch, then update).", ge=1)
+    prompts_per_step: int = opt(8, "Prompts per RL step (train batch size).", ge=1)
+    ppo_epochs: int = opt(1, "Passes over each rollout batch.", ge=1, le=100)
+    mini_batch_size: int = opt(8, "Trajectories per optimiser update.", ge=1)
+    micro_batch_size: int = opt(
+        4, "Trajectories per forward/backward (gradient accumulation).", ge=1
+    )
+    lr: float = opt(1e-6, "Actor learning rate.", gt=0, le=1)
+    critic_lr: float = opt(1e-5, "Critic learning rate (PPO).", gt=0, le=1)
+    warmup_steps: int = opt(0, "Linear lr warmup steps.", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0)
+    grad_clip: float = opt(1.0, "Max gradient norm.", gt=0)
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory.")
     mixed_precision: str = opt(
         "auto",
@@ -239,44 +418,55 @@ class TrainerConfig:
         "`accelerate launch --mixed_precision` applies its own; use that for fp16). Weights "
         "and optimiser state stay in model.dtype; log-probs are taken in fp32. bf16: ~1.5x "
         "tokens/s for SmolLM2-135M on a CPU with AVX512-BF16.",
+        choices=("auto", "no", "bf16"),
     )
     reuse_old_logprobs: bool = opt(
         True,
         "With one on-policy update per batch (ppo_epochs 1, mini_batch_size >= batch), take the "
         "old log-probs from the update's own forward instead of a separate pass.",
     )
-    lora_rank: int = opt(0, "LoRA rank (0 = full fine-tuning).")
+    lora_rank: int = opt(0, "LoRA rank (0 = full fine-tuning).", ge=0)
     freeze_layers: int = opt(
         0,
         "Freeze the embeddings and the first N decoder layers (sft and RL): the backward stops "
         "there, ~1.9x tokens/s on SmolLM2-135M with 20 of 30 frozen on CPU. 0 = train all.",
+        ge=0,
     )
-    lora_alpha: int = opt(32, "LoRA alpha.")
-    save_every: int = opt(10, "Checkpoint every N steps (and at the end).")
-    sft_epochs: int = opt(2, "SFT warm-start epochs.")
-    sft_lr: float = opt(1e-4, "SFT learning rate.")
-    sft_examples: int = opt(256, "Training questions turned into SFT trajectories.")
-    seed: int = opt(0, "Training seed.")
+    lora_alpha: int = opt(32, "LoRA alpha.", ge=1)
+    save_every: int = opt(10, "Checkpoint every N steps (and at the end).", ge=1)
+    keep_checkpoints: int = opt(
+        3,
+        "Keep the newest N step-K checkpoints (plus final); older ones are deleted after each "
+        "save (renamed aside first, so resume never sees a half-deleted one). 0 = keep all.",
+        ge=0,
+    )
+    sft_epochs: int = opt(2, "SFT warm-start epochs.", ge=1)
+    sft_lr: float = opt(1e-4, "SFT learning rate.", gt=0, le=1)
+    sft_examples: int = opt(256, "Training questions turned into SFT trajectories.", ge=1)
+    seed: int = opt(0, "Training seed.", ge=0)
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    method: str = opt("search", "direct, cot, rag or search.")
+class EvalConfig(_Section):
+    method: str = opt("search", "direct, cot, rag or search.", choices="sr1.eval.methods:METHODS")
     split: str = opt("test", "Split to evaluate (test falls back to dev where a set has no test).")
-    limit: int | None = opt(None, "Evaluate the first N questions of each dataset.")
-    batch_size: int = opt(32, "Questions per generation batch.")
-    temperature: float = opt(0.0, "0 = greedy decoding (the paper's validation setting).")
-    max_new_tokens: int = opt(128, "Generation budget per turn.")
-    seed: int = opt(0, "Seed for sampling and bootstrap.")
+    limit: int | None = opt(None, "Evaluate the first N questions of each dataset.", ge=1)
+    batch_size: int = opt(32, "Questions per generation batch.", ge=1)
+    temperature: float = opt(
+        0.0, "0 = greedy decoding (the paper's validation setting).", ge=0, le=10
+    )
+    max_new_tokens: int = opt(128, "Generation budget per turn.", ge=1)
+    seed: int = opt(0, "Seed for sampling and bootstrap.", ge=0)
     answer_fallback: str = opt(
         "none",
         "A response without <answer> tags: none (no answer, as Search-R1 scores) or response "
         "(score its first line, as FlashRAG scores untagged baselines).",
+        choices=("none", "response"),
     )
 
 
 @dataclass(frozen=True)
-class ScoringConfig:
+class ScoringConfig(_Section):
     nfkc: bool = opt(
         False,
         "Fold unicode (NFKC: full-width letters, ligatures) before SQuAD normalisation. Off = "
@@ -295,25 +485,29 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(_Section):
     experiment: str = opt("sr1", "MLflow experiment name.")
     mlflow_uri: str | None = opt(
         None, "MLflow tracking URI; None = MLFLOW_TRACKING_URI or sqlite:///$SR1_HOME/mlflow.db."
     )
-    log_every: int = opt(1, "Log metrics every N steps.")
+    log_every: int = opt(1, "Log metrics every N steps.", ge=1)
 
 
 @dataclass(frozen=True)
-class QuickstartConfig:
-    synth_seed: int = opt(0, "Seed of the synthetic world.")
-    synth_entities: int = opt(300, "Entities in the synthetic world.")
-    synth_train: int = opt(800, "Synthetic training questions (at most).")
-    synth_dev: int = opt(50, "Synthetic dev questions.")
-    synth_test: int = opt(200, "Synthetic test questions (eval.limit of them are evaluated).")
+class QuickstartConfig(_Section):
+    synth_seed: int = opt(0, "Seed of the synthetic world.", ge=0)
+    synth_entities: int = opt(300, "Entities in the synthetic world.", ge=10)
+    synth_train: int = opt(800, "Synthetic training questions (at most).", ge=1)
+    synth_dev: int = opt(50, "Synthetic dev questions.", ge=1)
+    synth_test: int = opt(200, "Synthetic test questions (eval.limit of them are evaluated).", ge=1)
     baselines: list[str] = opt(
-        ["direct", "rag", "search"], "Methods evaluated on the untrained model."
+        ["direct", "rag", "search"],
+        "Methods evaluated on the untrained model.",
+        choices="sr1.eval.methods:METHODS",
     )
-    algo: str = opt("grpo", "RL algorithm run from the SFT checkpoint.")
+    algo: str = opt(
+        "grpo", "RL algorithm run from the SFT checkpoint.", choices="sr1.train.trainer:ALGOS"
+    )
 
 
 @dataclass(frozen=True)
@@ -328,6 +522,12 @@ class ExperimentConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
+
+
+_SECTION_NAMES = {
+    f.type if isinstance(f.type, str) else f.type.__name__: f.name
+    for f in dataclasses.fields(ExperimentConfig)
+}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -488,5 +688,14 @@ def help_table(cfg: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(v):
             rows += help_table(v, f"{prefix}{f.name}.")
         else:
-            rows.append((f"{prefix}{f.name}", repr(v), f.metadata.get("help", "")))
+            rng = valid_range(f)
+            text = f.metadata.get("help", "") + (f" [valid: {rng}]" if rng else "")
+            rows.append((f"{prefix}{f.name}", repr(v), text))
     return rows
+
+
+def check_flag(name: str, value: int | None, ge: int = 1) -> None:
+    """Refuse a numeric CLI flag below ``ge`` (``--max-steps 0``, ``--limit -1``) before any
+    work, in the same words as a config field."""
+    if value is not None and value < ge:
+        raise ConfigError(f"{name}={value}: must be >= {ge}")

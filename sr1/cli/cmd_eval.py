@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, out_console, print_json, rich_progress
-from sr1.config import resolve_config
+from sr1.config import check_flag, resolve_config
 from sr1.errors import Sr1Error
 from sr1.eval.methods import METHODS
 
@@ -122,6 +122,7 @@ def register(app: typer.Typer) -> None:
                 )
             if (model is None) == (run is None):
                 raise Sr1Error("pass exactly one of --model M or --run RUN_ID")
+        check_flag("--limit", limit)
         cfg = resolve_config(
             config,
             set_,

@@ -18,7 +18,7 @@ from sr1.cli.common import (
     print_json,
     rich_progress,
 )
-from sr1.config import resolve_config
+from sr1.config import check_flag, resolve_config
 
 # How each kind of span is drawn by --show (kinds: sr1.rollout.loop segments).
 STYLES = {
@@ -102,6 +102,7 @@ def rollout_cmd(
     from sr1 import models
     from sr1.rollout.api import rollout
 
+    check_flag("--limit", limit)
     cfg = resolve_config(
         config,
         set_,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, err_console, print_json, rich_progress
-from sr1.config import resolve_config
+from sr1.config import check_flag, resolve_config
 
 
 def sft_cmd(
@@ -32,6 +32,7 @@ def sft_cmd(
     """
     from sr1.train.sft import sft
 
+    check_flag("--max-steps", max_steps)
     cfg = resolve_config(config, set_)
     res = sft(
         cfg,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, err_console, print_json, rich_progress
-from sr1.config import resolve_config
+from sr1.config import check_flag, resolve_config
 
 _SUMMARY_KEYS = ("reward/mean", "reward/em", "search/mean", "actor/kl", "time/step_s")
 
@@ -41,6 +41,7 @@ def train_cmd(
             "--algo and --model are required (unless --resume RUN_ID)",
             hint="e.g. sr1 train --algo grpo --model smollm2-135m --set rollout.n_samples=5",
         )
+    check_flag("--max-steps", max_steps)
     cfg = resolve_config(config, set_)
     res = train(
         cfg,
