@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from sr1.data.datasets import DATASETS
 from sr1.errors import NotFoundError
 from sr1.registry import Registry
 from sr1.tasks.qa import QATask, ScoreOptions
@@ -36,20 +37,8 @@ class Task(Protocol):
 TASKS: Registry[Task] = Registry("task")
 TASKS.add("qa", QATask())
 
-# data_source -> task name
-DATA_SOURCES: dict[str, str] = {
-    name: "qa"
-    for name in (
-        "nq",
-        "triviaqa",
-        "popqa",
-        "hotpotqa",
-        "2wikimultihopqa",
-        "musique",
-        "bamboogle",
-        "synth",
-    )
-}
+# data_source -> task name: every registered dataset (the seven benchmarks, synth) is QA
+DATA_SOURCES: dict[str, str] = {name: "qa" for name in DATASETS.names()}
 
 
 def task_for(data_source: str, default: str = "qa") -> Task:
