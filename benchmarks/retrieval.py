@@ -10,6 +10,10 @@ Prints one JSON document on stdout (progress on stderr). Sections:
   on CPU); raw = ``encoder.encode`` + ``faiss.search``.
 - ``server``: ``sr1 serve retriever`` in-process over HTTP on 127.0.0.1 (cache off):
   sequential single-query latency, concurrent clients, batched requests.
+- ``--server-only``: just the server section, next to the in-process numbers it is compared
+  with, from one run: BM25 (numba) ``Retriever.search`` at 64 and 256 queries per call, then
+  the server at 64 queries per request (best of ``--repeats`` passes each). ``--baseline
+  FILE`` measures another server.py alongside (before/after a change, in one run).
 - ``scale`` (``--scale N``): a synthetic N-passage corpus (100 Zipf-distributed pseudo-words
   each), BM25 build in a fresh process: peak RSS, memory per million passages, index size,
   query throughput on the numba backend.
@@ -24,13 +28,17 @@ than with 1 (20 vs 500 ms), because the threads wait on each other at every barr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
+import importlib.util
 import json
 import multiprocessing as mp
 import os
+import resource
 import sys
 import tempfile
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,17 +78,25 @@ def build_in_child(
         return pool.apply(_child_build, (home, name, corpus, retriever, cfg_kw))
 
 
+def cpu_s() -> float:
+    """CPU seconds of this process, all threads (client and in-process server alike): unlike
+    queries/s, barely moved by other jobs on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def throughput(
     search, queries: list[str], k: int, batch: int, single_n: int, repeats: int = 1
 ) -> dict[str, float]:
     """Batched qps over all queries; single-query qps and p50/p99 latency over the first ``single_n``."""
     search(queries[:4], k)  # warm-up (numba JIT, encoder first call)
-    best = float("inf")
+    best = best_cpu = float("inf")
     for _ in range(repeats):  # best of a few passes: the machine is shared, noise is one-sided
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         for i in range(0, len(queries), batch):
             search(queries[i : i + batch], k)
         best = min(best, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, cpu_s() - c0)
     batched = len(queries) / best
     lat = []
     for q in queries[:single_n]:
@@ -89,6 +105,7 @@ def throughput(
         lat.append(time.perf_counter() - t)
     return {
         "batched_qps": round(batched, 1),
+        "batched_cpu_us_per_query": round(best_cpu / len(queries) * 1e6, 1),
         "batch_size": batch,
         "single_qps": round(len(lat) / sum(lat), 1),
         "p50_ms": round(pct(lat, 50), 3),
@@ -103,7 +120,7 @@ def _best(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     out = dict(b)
     for key in ("batched_qps", "single_qps"):
         out[key] = max(a[key], b[key])
-    for key in ("p50_ms", "p99_ms"):
+    for key in ("p50_ms", "p99_ms", "batched_cpu_us_per_query"):
         out[key] = min(a[key], b[key])
     return out
 
@@ -220,14 +237,24 @@ def bench_dense(home: str, corpus: Path, rows: list[dict], k: int, n: int) -> di
 
 
 def bench_server(
-    retriever: Any, rows: list[dict], k: int, single_n: int = 300, conc_n: int = 800
+    retriever: Any,
+    rows: list[dict],
+    k: int,
+    single_n: int = 300,
+    conc_n: int = 800,
+    repeats: int = 1,
+    server_module: Any = None,
 ) -> dict:
+    """``server_module``: another ``sr1.retrieval.server`` (see ``--baseline``) to measure."""
     from sr1.config import RetrievalConfig
-    from sr1.retrieval.server import BackgroundServer
 
-    cfg = RetrievalConfig(server_cache_size=0)
+    cfg: Any = RetrievalConfig(server_cache_mb=0)
+    if server_module is None:
+        from sr1.retrieval import server as server_module
+    elif not hasattr(RetrievalConfig, "server_cache_size"):  # a server from before server_cache_mb
+        cfg = types.SimpleNamespace(**dataclasses.asdict(cfg), server_cache_size=0)
     qs = [r["question"] for r in rows]
-    with BackgroundServer(retriever, cfg) as s:
+    with server_module.BackgroundServer(retriever, cfg) as s:
         port = int(s.url.rsplit(":", 1)[1])
 
         def post(conn: http.client.HTTPConnection, batch: list[str]) -> None:
@@ -246,10 +273,14 @@ def bench_server(
             t = time.perf_counter()
             post(conn, [q])
             lat.append(time.perf_counter() - t)
-        t0 = time.perf_counter()
-        for i in range(0, len(qs), 64):
-            post(conn, qs[i : i + 64])
-        batched = len(qs) / (time.perf_counter() - t0)
+        best = best_cpu = float("inf")
+        for _ in range(repeats):  # best of a few passes: the machine is shared
+            t0, c0 = time.perf_counter(), cpu_s()
+            for i in range(0, len(qs), 64):
+                post(conn, qs[i : i + 64])
+            best = min(best, time.perf_counter() - t0)
+            best_cpu = min(best_cpu, cpu_s() - c0)
+        batched = len(qs) / best
         conn.close()
 
         def client(chunk: list[str]) -> None:
@@ -267,14 +298,84 @@ def bench_server(
         conc = len(sub) / (time.perf_counter() - t0)
         batches = s.app.batcher.batches - before
     return {
-        "transport": "stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive, cache off",
+        "transport": getattr(s, "transport", "stdlib ThreadingHTTPServer")
+        + ", keep-alive, cache off",
         "sequential_single_qps": round(len(lat) / sum(lat), 1),
         "p50_ms": round(pct(lat, 50), 3),
         "p99_ms": round(pct(lat, 99), 3),
         "batched_64_qps": round(batched, 1),
+        "batched_64_cpu_us_per_query": round(best_cpu / len(qs) * 1e6, 1),
         "concurrent_8_clients_qps": round(conc, 1),
         "concurrent_queries_per_search_call": round(len(sub) / max(batches, 1), 2),
     }
+
+
+def load_server_module(path: Path) -> Any:
+    """A retrieval server module from a file, e.g. ``git show HEAD:sr1/retrieval/server.py``."""
+    spec = importlib.util.spec_from_file_location("sr1_baseline_server", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_server_only(
+    home: str, corpus: Path, rows: list[dict], k: int, repeats: int, baseline: Path | None = None
+) -> dict:
+    """In-process BM25 throughput and the server's, from one process on one loaded index;
+    with ``baseline``, that server file too, alternating with this one (best of each)."""
+    from sr1.config import RetrievalConfig
+    from sr1.retrieval import open_retriever
+
+    log("server-only: building the sample index in a fresh process")
+    m = build_in_child(home, "bench-bm25", str(corpus))
+    r = open_retriever(m["path"], RetrievalConfig(bm25_backend="numba"))
+    qs = [x["question"] for x in rows]
+    log("server-only: in-process queries")
+    inproc: dict[str, float] = {}
+    for b in (64, 256):
+        t = throughput(r.search, qs, k, batch=b, single_n=50, repeats=repeats)
+        inproc[f"batched_{b}_qps"] = t["batched_qps"]
+        inproc[f"batched_{b}_cpu_us_per_query"] = t["batched_cpu_us_per_query"]
+    log("server-only: HTTP benchmark")
+    base_mod = load_server_module(baseline) if baseline else None
+    server: dict = {}
+    base: dict = {}
+    # Alternate, swapping which goes first each round: the shared machine's load drifts.
+    for rnd in range(3 if baseline else 1):
+        order = [None, base_mod] if rnd % 2 == 0 else [base_mod, None]
+        for mod in order:
+            if mod is None:
+                server = _best_server(server, bench_server(r, rows, k, repeats=repeats))
+            elif base_mod is not None:
+                got = bench_server(r, rows, k, repeats=repeats, server_module=base_mod)
+                base = _best_server(base, got)
+    out = {
+        "passages": m["passages"],
+        "in_process": inproc,
+        "server": server,
+        "server_64_over_in_process_64": round(
+            server["batched_64_qps"] / inproc["batched_64_qps"], 3
+        ),
+    }
+    if base:
+        out["baseline"] = {"file": str(baseline), **base}
+        out["server_64_over_baseline_64"] = round(
+            server["batched_64_qps"] / base["batched_64_qps"], 3
+        )
+    return out
+
+
+def _best_server(a: dict, b: dict) -> dict:
+    if not a:
+        return b
+    out = dict(b)
+    for key in ("sequential_single_qps", "batched_64_qps", "concurrent_8_clients_qps"):
+        out[key] = max(a[key], b[key])
+    for key in ("p50_ms", "p99_ms", "batched_64_cpu_us_per_query"):
+        out[key] = min(a[key], b[key])
+    return out
 
 
 def make_synthetic(
@@ -369,6 +470,19 @@ def main() -> None:
     )
     ap.add_argument("--skip-sample", action="store_true", help="Only the scaling run.")
     ap.add_argument(
+        "--server-only",
+        action="store_true",
+        help="Only the server section, with in-process numbers from the same run.",
+    )
+    ap.add_argument("--repeats", type=int, default=5, help="Passes per --server-only figure.")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="With --server-only: also measure this server.py (e.g. `git show "
+        "HEAD:sr1/retrieval/server.py > /tmp/old_server.py`), alternating with the current one.",
+    )
+    ap.add_argument(
         "--threads", type=int, default=1, help="OMP/torch threads (see the module docstring)."
     )
     args = ap.parse_args()
@@ -394,6 +508,13 @@ def main() -> None:
                 raise SystemExit("no sample data: set SR1_SHARED_DATA or pass --corpus")
             rows = load_questions(shared)
             result["queries"] = len(rows)
+            if args.server_only:
+                result["server_only"] = bench_server_only(
+                    home, corpus, rows, args.k, max(1, args.repeats), args.baseline
+                )
+                result["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+                print(json.dumps(result, indent=2))
+                return
             result["bm25"], bm25 = bench_bm25(home, corpus, rows, args.k)
             log("server: HTTP benchmark")
             result["server"] = bench_server(bm25, rows, args.k)

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from sr1.errors import ConfigError
+from sr1.errors import ConfigError, NotFoundError
 
 
 def opt(
@@ -93,8 +93,12 @@ def _field_error(f: dataclasses.Field, value: Any) -> str | None:
         if m.get("choices") is not None and isinstance(v, str):
             names = _choices(m["choices"])
             if v not in names:
-                return f"must be one of {', '.join(names)}"
+                return f"unknown value; valid: {', '.join(names)}"
     return m["check"](value) if m.get("check") is not None else None
+
+
+class UnknownNameError(ConfigError, NotFoundError):
+    """A config value that must name a registered thing (an engine, a reward…) names none."""
 
 
 class _Section:
@@ -109,7 +113,8 @@ class _Section:
                 continue
             err = _field_error(f, value)
             if err is not None:
-                raise ConfigError(
+                cls = UnknownNameError if err.startswith("unknown value") else ConfigError
+                raise cls(
                     f"{section}.{f.name}={value!r}: {err}",
                     hint=f.metadata.get("help") or None,
                 )
@@ -257,8 +262,36 @@ class RetrievalConfig(_Section):
         "Largest topk the server returns; a larger topk is clamped to it (and to the corpus).",
         ge=1,
     )
-    server_cache_size: int = opt(
-        10000, "Entries in the server's (query, k) LRU result cache.", ge=0
+    server_cache_mb: int = opt(
+        256,
+        "Memory for the server's (query, k) LRU result cache, in MiB (entry sizes estimated "
+        "from the query and passage texts); 0 turns it off.",
+        ge=0,
+    )
+    server_max_query_chars: int = opt(
+        4096,
+        "Longer queries are cut to this many characters before searching (the response says "
+        "how many were cut in an X-Sr1-Truncated-Queries header).",
+        ge=1,
+    )
+    server_read_timeout_s: float = opt(
+        30.0,
+        "A request (headers and body) must arrive whole within this many seconds of its first "
+        "byte, or of the connection opening; else the server answers 408 and closes it. Also "
+        "how long a client may leave a response unread.",
+        gt=0,
+    )
+    server_keep_alive_s: float = opt(
+        5.0, "Idle keep-alive connections are closed after this many seconds.", gt=0
+    )
+    server_max_connections: int = opt(
+        512,
+        "Open connections (and in-flight requests) the server takes; beyond it new requests "
+        "get a 503 (uvicorn's limit_concurrency).",
+        ge=1,
+    )
+    server_backlog: int = opt(
+        1024, "Listen backlog: connections the kernel queues before accepting.", ge=1
     )
     server_batch_wait_ms: float = opt(
         0.0,
@@ -313,6 +346,9 @@ class RolloutConfig(_Section):
         0.5, "vLLM GPU memory fraction (GPU only).", gt=0, le=1
     )
     vllm_kv_cache_gib: int = opt(2, "vLLM CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).", ge=1)
+    hf_kv_reuse: bool = opt(
+        True, "HF engine: keep each trajectory's KV cache across turns (prefill only new tokens)."
+    )
     seed: int = opt(0, "Sampling seed.", ge=0)
     force_answer: bool = opt(
         True,
@@ -322,6 +358,40 @@ class RolloutConfig(_Section):
     force_answer_text: str = opt(
         "\nI have used all my searches, so I must give the final answer now.\n<answer>",
         "Inserted (mask 0) to force an answer; ends with the opening <answer> tag.",
+    )
+    placement: str = opt(
+        "inprocess",
+        "Where the rollout engine runs: inprocess (in the command's own process; the HF engine "
+        "shares the trainer's module) or process (sr1 starts `sr1 serve engine` as a child "
+        "process on a free port and stops it on exit). rollout.engine_url overrides both.",
+        choices=("inprocess", "process"),
+    )
+    engine_url: str | None = opt(
+        None,
+        "http://HOST:PORT of a running `sr1 serve engine`: train, eval and rollout generate "
+        "there (weights pushed to it). None = rollout.placement decides.",
+        check=lambda v: None
+        if v is None or str(v).startswith(("http://", "https://"))
+        else "must start with http:// or https://",
+    )
+    weight_sync: str = opt(
+        "auto",
+        "How weights reach an engine outside the process: auto (shm on the same host, else "
+        "http), shm (a safetensors file in /dev/shm or the temp dir; its path is posted), http "
+        "(the safetensors bytes in the request body), nccl (vLLM's NCCL weight transfer, GPU "
+        "only; the server must be started with it; untested without GPUs).",
+        choices=("auto", "shm", "http", "nccl"),
+    )
+    engine_device: str | None = opt(
+        None,
+        "Device of the engine process that placement=process starts (e.g. cuda:1, to keep it off "
+        "the trainer's GPU); None = the command's device.",
+    )
+    engine_startup_timeout_s: float = opt(
+        900.0, "Seconds to wait for an engine process / server to answer /health.", gt=0
+    )
+    engine_timeout_s: float = opt(
+        3600.0, "Seconds one request to an engine server may take (a generate batch).", gt=0
     )
 
 
@@ -423,7 +493,17 @@ class TrainerConfig(_Section):
     reuse_old_logprobs: bool = opt(
         True,
         "With one on-policy update per batch (ppo_epochs 1, mini_batch_size >= batch), take the "
-        "old log-probs from the update's own forward instead of a separate pass.",
+        "old log-probs from the update's own forward instead of a separate pass. Never for a "
+        "batch sampled by an older policy version (async_steps): those are recomputed.",
+    )
+    async_steps: int = opt(
+        0,
+        "Rollouts may run this many policy versions behind the update: 0 = synchronous; 1 = "
+        "one-step-off (step t+1's rollout runs in a thread while step t updates; weights are "
+        "pushed after each update). Needs the engine outside the trainer "
+        "(rollout.placement=process or rollout.engine_url).",
+        ge=0,
+        le=8,
     )
     lora_rank: int = opt(0, "LoRA rank (0 = full fine-tuning).", ge=0)
     freeze_layers: int = opt(
@@ -624,6 +704,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

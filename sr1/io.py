@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +57,89 @@ def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, An
     return n
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Stream JSON objects from a file; a malformed line raises with the file and line number."""
+def _gzip_error(path: Path, lines_read: int, e: BaseException) -> tuple[str, str]:
+    """Message and hint for a ``.gz`` file that cannot be decompressed past ``lines_read``."""
+    at = f"{path}:{lines_read + 1}"
+    if isinstance(e, gzip.BadGzipFile) and lines_read == 0 and "Not a gzipped file" in str(e):
+        return (
+            f"{at}: not a gzip file, although the name ends in .gz",
+            "rename it without .gz if it is plain text, or compress it with gzip",
+        )
+    damaged = "the file is damaged or was not copied completely: download or compress it again"
+    if isinstance(e, EOFError):
+        return (
+            f"{at}: truncated gzip file: the compressed data ends before its end marker "
+            f"(after {lines_read} complete lines)",
+            damaged,
+        )
+    return f"{at}: corrupt gzip data ({e}) after {lines_read} complete lines", damaged
+
+
+def iter_text_lines(
+    path: str | os.PathLike[str],
+    on_bad: Callable[[int, str], None] | None = None,
+) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` for each line of a UTF-8 text file, line endings kept.
+
+    A name ending in ``.gz`` is decompressed while reading. A line that is not valid UTF-8
+    raises :class:`~sr1.errors.Sr1Error` naming ``file:line``, unless ``on_bad`` is given:
+    then ``on_bad(lineno, why)`` is called (it may raise) and the line is skipped. A ``.gz``
+    file that is not gzip, is cut short or is corrupt always raises, naming the file and the
+    line reached. A UTF-8 byte-order mark at the start is dropped.
+    """
     from sr1.errors import Sr1Error
 
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
+    p = Path(path)
+    gz = p.name.lower().endswith(".gz")
+    lineno = 0
+    with gzip.open(p, "rb") if gz else open(p, "rb") as f:
+        lines = iter(f)
+        while True:
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise Sr1Error(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+                msg, hint = _gzip_error(p, lineno, e)
+                raise Sr1Error(msg, hint=hint) from None
+            lineno += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                    why = "not UTF-8: the file starts with a UTF-16 byte-order mark; convert it"
+                elif lineno == 1 and raw.startswith(b"\x1f\x8b"):
+                    why = "not text: gzip-compressed data in a file not named .gz; rename it"
+                else:
+                    why = (
+                        f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+                        "the line); convert the file to UTF-8"
+                    )
+                if on_bad is None:
+                    raise Sr1Error(f"{p}:{lineno}: {why}") from None
+                on_bad(lineno, why)
+                continue
+            if lineno == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            yield lineno, text
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for each non-blank line of a JSON-lines file (``.gz`` allowed);
+    malformed JSON or UTF-8 raises with the file and line number."""
+    from sr1.errors import Sr1Error
+
+    for lineno, line in iter_text_lines(path):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise Sr1Error(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Stream JSON objects from a file; a malformed line raises with the file and line number."""
+    for _, obj in iter_jsonl(path):
+        yield obj

@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,13 @@ def local_model_dir(name: str) -> Path:
 
 
 def resolve(name: str) -> str:
-    """Map an alias to a loadable path or hub id. Unfetched local aliases raise with a hint."""
+    """Map an alias to a loadable path or hub id. A local alias is fetched (built into
+    ``$SR1_HOME/models``) on first use, as a hub model is downloaded on first use."""
     if name in LOCAL_ALIASES:
         d = local_model_dir(name)
         if not (d / "config.json").is_file():
-            raise NotFoundError(
-                f"model {name!r} is not fetched yet", hint=f"run `sr1 model fetch {name}`"
-            )
+            print(f"fetching {name} into {d} (first use)", file=sys.stderr, flush=True)
+            fetch(name)
         return str(d)
     if name in HUB_ALIASES:
         return HUB_ALIASES[name]
@@ -145,12 +146,17 @@ def fetch(name: str, force: bool = False) -> Path | str:
             return out
         if out.exists():
             shutil.rmtree(out)
-        with atomic_path(out) as tmp:
-            tmp.mkdir(parents=True)
-            _FETCHERS[name](tmp)
-            write_json_atomic(
-                tmp / "sr1_model.json", {"alias": name, "source": LOCAL_ALIASES[name]}
-            )
+        try:
+            with atomic_path(out) as tmp:
+                tmp.mkdir(parents=True)
+                _FETCHERS[name](tmp)
+                write_json_atomic(
+                    tmp / "sr1_model.json", {"alias": name, "source": LOCAL_ALIASES[name]}
+                )
+        except OSError:
+            if not (out / "config.json").is_file():
+                raise
+            # another process (e.g. a second DDP rank) finished the same fetch first
         return out
     target = resolve(name)
     if Path(target).exists():

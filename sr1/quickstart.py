@@ -5,6 +5,7 @@ Stages, in order (each one a normal run in MLflow and DuckDB that the other comm
 ``fetch`` the model → ``synth`` world → BM25 ``index`` → ``eval-<m>`` of the untrained model
 for each of ``quickstart.baselines`` → ``sft`` warm-start → ``eval-sft`` (search) →
 ``train`` (``quickstart.algo`` from the SFT checkpoint) → ``eval-rl`` (search) → the report.
+An interrupted ``train`` (Ctrl-C, SIGTERM) is resumed from its last checkpoint on the next call.
 
 What each finished stage produced (run id, checkpoint) is kept in
 ``$SR1_HOME/quickstart/<config hash>/state.json``, written atomically after every stage, so
@@ -89,6 +90,7 @@ def quickstart(
     from sr1.eval.runner import evaluate
     from sr1.report.build import build_report
     from sr1.retrieval.index import build_index
+    from sr1.tracking.run import RunInterrupted
     from sr1.train.sft import sft
     from sr1.train.trainer import ALGOS, train
 
@@ -150,7 +152,14 @@ def quickstart(
             "search", f"sft+search ({model})", model=state["sft"]["checkpoint"]
         ),
         "train": lambda: _pick(
-            train(cfg, q.algo, state["sft"]["checkpoint"], progress=progress),
+            # an interrupted train (SIGINT/SIGTERM) is resumed from its checkpoint, not redone
+            train(
+                cfg,
+                q.algo,
+                state["sft"]["checkpoint"],
+                progress=progress,
+                resume=state.get("train-interrupted"),
+            ),
             "run_id",
             "checkpoint",
         ),
@@ -168,7 +177,13 @@ def quickstart(
             continue
         note(name, "start", desc)
         t0 = time.perf_counter()
-        out = actions[name]()
+        try:
+            out = actions[name]()
+        except RunInterrupted as e:
+            if name == "train" and e.run_id and e.checkpoint:
+                state["train-interrupted"] = e.run_id
+                save()
+            raise
         out["seconds"] = round(time.perf_counter() - t0, 1)
         state[name] = out
         save()

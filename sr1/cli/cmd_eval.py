@@ -8,7 +8,15 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, out_console, print_json, rich_progress
+from sr1.cli.common import (
+    CONFIG_HELP,
+    JSON_HELP,
+    SET_HELP,
+    interruptible,
+    out_console,
+    print_json,
+    rich_progress,
+)
 from sr1.config import check_flag, resolve_config
 from sr1.errors import Sr1Error
 from sr1.eval.methods import METHODS
@@ -131,16 +139,17 @@ def register(app: typer.Typer) -> None:
             retrieval={"index": index},
             data={"source_dir": str(source_dir.expanduser().resolve()) if source_dir else None},
         )
-        summary = evaluate(
-            datasets=names or None,
-            model=model,
-            run=run,
-            cfg=cfg,
-            run_name=name,
-            resume=resume,
-            fresh=fresh,
-            progress=rich_progress,
-        )
+        with interruptible():  # SIGTERM as Ctrl-C: stored batches stay, the run is interrupted
+            summary = evaluate(
+                datasets=names or None,
+                model=model,
+                run=run,
+                cfg=cfg,
+                run_name=name,
+                resume=resume,
+                fresh=fresh,
+                progress=rich_progress,
+            )
         if json_out:
             print_json(summary)
         else:

@@ -43,7 +43,9 @@ def build_cmd(
     ),
     faiss_index: str = typer.Option(None, "--faiss", help="Dense index type: flat or hnsw."),
     skip_bad_lines: bool = typer.Option(
-        None, "--skip-bad-lines", help="Skip malformed corpus lines (counted in the manifest)."
+        None,
+        "--skip-bad-lines",
+        help="Skip malformed or non-UTF-8 corpus lines (counted in the manifest).",
     ),
     download: bool = typer.Option(
         False,
@@ -83,11 +85,13 @@ def build_cmd(
         print_json(m)
         return
     skipped = m["corpus"].get("skipped_lines", 0)
+    undecodable = m["corpus"].get("skipped_undecodable", 0)
     err_console.print(
         f"[green]ok[/] index [bold]{name}[/] ({m['retriever']}): {m['passages']:,} passages "
         f"in {m['build_time_s']:.1f} s, {_mb(m['size_bytes'])} on disk, "
         f"peak RSS {m['peak_rss_mb']:,.0f} MiB"
         + (f", {skipped} malformed lines skipped" if skipped else "")
+        + (f" ({undecodable} not UTF-8)" if undecodable else "")
         + f"\n   {m.get('path', '')}",
         highlight=False,
     )

@@ -13,6 +13,7 @@ from sr1.cli.common import (
     JSON_HELP,
     SET_HELP,
     err_console,
+    interruptible,
     out_console,
     print_json,
     rich_progress,
@@ -87,7 +88,10 @@ def quickstart_cmd(
         extra = " (finished earlier, skipped)" if event == "skip" else ""
         err_console.print(f"{mark} {stage}: {detail}{extra}", highlight=False)
 
-    res = quickstart(cfg, fresh=fresh, progress=None if json_out else rich_progress, notify=notify)
+    with interruptible():
+        res = quickstart(
+            cfg, fresh=fresh, progress=None if json_out else rich_progress, notify=notify
+        )
     if json_out:
         print_json(
             {k: res[k] for k in ("rows", "seconds", "train_run", "sft_run", "mlflow_uri", "duckdb")}

@@ -20,7 +20,7 @@ def list_cmd(
     ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """List runs, oldest first."""
+    """List runs, oldest first. A run marked running whose process is gone shows as dead."""
     runs = Store().list_runs(kind)
     if json_out:
         print_json([{k: v for k, v in r.items() if k != "config"} for r in runs])
@@ -69,14 +69,19 @@ def show_cmd(
         "kind",
         "name",
         "status",
+        "status_reason",
         "model",
         "parent_run",
         "mlflow_run_id",
         "started_at",
         "ended_at",
+        "host",
+        "pid",
+        "heartbeat_at",
         "steps",
     ):
-        t.add_row(k, str(doc.get(k)))
+        if k in doc:
+            t.add_row(k, str(doc.get(k)))
     for k, v in sorted(last.items()):
         t.add_row(f"metric {k}", f"{v:.4g}")
     for s in doc["eval_summaries"]:

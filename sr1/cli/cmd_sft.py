@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from sr1.cli.common import CONFIG_HELP, JSON_HELP, SET_HELP, err_console, print_json, rich_progress
+from sr1.cli.common import (
+    CONFIG_HELP,
+    JSON_HELP,
+    SET_HELP,
+    err_console,
+    interruptible,
+    print_json,
+    rich_progress,
+)
 from sr1.config import check_flag, resolve_config
 
 
@@ -28,20 +36,22 @@ def sft_cmd(
     Information blocks are in the context but carry no loss, exactly as in RL. Sizes come from
     trainer.sft_examples, trainer.sft_epochs, trainer.sft_lr (LoRA if trainer.lora_rank > 0).
     The checkpoint ($SR1_HOME/runs/RUN_ID/checkpoints/final) is a plain HF model: pass it to
-    `sr1 train --model` or `sr1 eval --model`.
+    `sr1 train --model` or `sr1 eval --model`. Ctrl-C or SIGTERM finishes the current update,
+    saves checkpoints/step-N, marks the run interrupted and exits with 130 / 143.
     """
     from sr1.train.sft import sft
 
     check_flag("--max-steps", max_steps)
     cfg = resolve_config(config, set_)
-    res = sft(
-        cfg,
-        model,
-        index,
-        dataset=dataset,
-        max_steps=max_steps,
-        progress=None if json_out else rich_progress,
-    )
+    with interruptible():
+        res = sft(
+            cfg,
+            model,
+            index,
+            dataset=dataset,
+            max_steps=max_steps,
+            progress=None if json_out else rich_progress,
+        )
     if json_out:
         print_json(res)
         return

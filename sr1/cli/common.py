@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import typer
 from rich.console import Console
 
 from sr1.progress import Advance
@@ -48,6 +49,30 @@ def rich_progress(label: str, total: int | None, completed: int = 0) -> Iterator
             bar.update(task, advance=n, description=description)
 
         yield advance
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Run a command's work so that SIGTERM acts as Ctrl-C (a preempted job stops as cleanly as
+    an interactive one) and an interrupted run ends the command with one ``interrupted:`` line
+    on stderr saying how to continue, and exit code 128 + the signal (130 SIGINT, 143 SIGTERM).
+    """
+    import signal
+
+    from rich.markup import escape
+
+    from sr1.tracking.run import RunInterrupted, interrupt_on_sigterm
+
+    try:
+        with interrupt_on_sigterm():
+            yield
+    except RunInterrupted as e:
+        err_console.print(f"[bold yellow]interrupted:[/] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt as e:  # before any run existed
+        signum = int(getattr(e, "signum", signal.SIGINT))
+        err_console.print(f"[bold yellow]interrupted:[/] {escape(str(e) or 'SIGINT')}")
+        raise typer.Exit(128 + signum) from None
 
 
 def print_json(obj: Any) -> None:

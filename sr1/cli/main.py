@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except Sr1Error as e:
         from sr1.cli.common import err_console
 
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        # soft_wrap: the message stays one line (paths are long), the terminal wraps it
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -83,8 +83,11 @@ def default_source_dir(dataset: str) -> Path | None:
 def source_file(source_dir: str | os.PathLike[str], dataset: str, split: str) -> Path:
     """The FlashRAG file for one split: ``<source_dir>/<dataset>/<split>.jsonl``.
 
-    A missing file raises NotFoundError naming the path expected and the splits that exist.
+    A missing file raises NotFoundError naming the path expected and the splits that exist;
+    a dataset or split that is not a plain name (``../../x``) raises ConfigError.
     """
+    paths.safe_name("dataset name", dataset)
+    paths.safe_name("split", split)
     d = Path(source_dir).expanduser()
     if not d.is_dir():
         raise NotFoundError(
@@ -110,7 +113,11 @@ def source_splits(source_dir: str | os.PathLike[str], dataset: str) -> list[str]
     d = Path(source_dir).expanduser() / dataset
     if not d.is_dir():
         return []
-    names = sorted(p.name[: -len(".jsonl")] for p in d.glob("*.jsonl") if p.is_file())
+    names = sorted(
+        p.name[: -len(".jsonl")]
+        for p in d.glob("*.jsonl")
+        if p.is_file() and not p.name.startswith(".")  # hidden or temp files are no splits
+    )
     return [s for s in SPLITS if s in names] + [s for s in names if s not in SPLITS]
 
 

@@ -42,7 +42,7 @@ from sr1.data.datasets import (
 )
 from sr1.data.prompts import TEMPLATES, render_prompt
 from sr1.errors import NotFoundError, Sr1Error
-from sr1.io import atomic_path, write_json_atomic
+from sr1.io import atomic_path, iter_jsonl, write_json_atomic
 from sr1.progress import ProgressFactory
 from sr1.progress import resolve as resolve_progress
 
@@ -51,12 +51,16 @@ _CORE_KEYS = {"id", "question", "golden_answers", "metadata"}
 
 
 def parquet_path(dataset: str, split: str) -> Path:
-    """Where a prepared split lives: ``$SR1_HOME/data/<dataset>/<split>.parquet``."""
-    return paths.data_dir() / dataset / f"{split}.parquet"
+    """Where a prepared split lives: ``$SR1_HOME/data/<dataset>/<split>.parquet``.
+
+    Both are names, never paths: ``--split ../../x`` is a ConfigError (:func:`paths.safe_name`).
+    """
+    d = paths.safe_name("dataset name", dataset)
+    return paths.data_dir() / d / f"{paths.safe_name('split', split)}.parquet"
 
 
 def _manifest_path(dataset: str) -> Path:
-    return paths.data_dir() / dataset / "manifest.json"
+    return paths.data_dir() / paths.safe_name("dataset name", dataset) / "manifest.json"
 
 
 def read_manifest(dataset: str) -> dict[str, Any]:
@@ -87,7 +91,8 @@ def read_source(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows in the common schema (without ``prompt``) and the drop counts for one source file.
 
-    Raises Sr1Error on malformed JSON (file:line) and on duplicate ids (both lines named).
+    Raises Sr1Error on malformed JSON or UTF-8 (file:line) and on duplicate ids (both lines
+    named).
     """
     rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
@@ -97,43 +102,36 @@ def read_source(
         "dropped_no_answers": 0,
         "dropped_ids": [],
     }
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise Sr1Error(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise Sr1Error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rid = str(obj["id"]) if obj.get("id") is not None else f"{split}_{stats['read']}"
-            stats["read"] += 1
-            if rid in seen:
-                raise Sr1Error(
-                    f"{path}:{lineno}: duplicate id {rid!r} (first at line {seen[rid]})",
-                    hint="ids must be unique within a split; fix or deduplicate the source file",
-                )
-            seen[rid] = lineno
-            question = str(obj.get("question") or "").strip()
-            answers = _answers(obj.get("golden_answers", obj.get("answers")))
-            if not question or not answers:
-                stats["dropped_empty_question" if not question else "dropped_no_answers"] += 1
-                if len(stats["dropped_ids"]) < 20:
-                    stats["dropped_ids"].append(rid)
-                continue
-            meta = dict(obj.get("metadata") or {}) if isinstance(obj.get("metadata"), dict) else {}
-            meta.update({k: v for k, v in obj.items() if k not in _CORE_KEYS})
-            rows.append(
-                {
-                    "id": rid,
-                    "data_source": dataset,
-                    "question": question,
-                    "golden_answers": answers,
-                    "split": split,
-                    "metadata": meta,
-                }
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict):
+            raise Sr1Error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        rid = str(obj["id"]) if obj.get("id") is not None else f"{split}_{stats['read']}"
+        stats["read"] += 1
+        if rid in seen:
+            raise Sr1Error(
+                f"{path}:{lineno}: duplicate id {rid!r} (first at line {seen[rid]})",
+                hint="ids must be unique within a split; fix or deduplicate the source file",
             )
+        seen[rid] = lineno
+        question = str(obj.get("question") or "").strip()
+        answers = _answers(obj.get("golden_answers", obj.get("answers")))
+        if not question or not answers:
+            stats["dropped_empty_question" if not question else "dropped_no_answers"] += 1
+            if len(stats["dropped_ids"]) < 20:
+                stats["dropped_ids"].append(rid)
+            continue
+        meta = dict(obj.get("metadata") or {}) if isinstance(obj.get("metadata"), dict) else {}
+        meta.update({k: v for k, v in obj.items() if k not in _CORE_KEYS})
+        rows.append(
+            {
+                "id": rid,
+                "data_source": dataset,
+                "question": question,
+                "golden_answers": answers,
+                "split": split,
+                "metadata": meta,
+            }
+        )
     if stats["read"] == 0:
         raise Sr1Error(f"{path}: no rows", hint="the file is empty; check the source directory")
     return rows, stats
@@ -360,11 +358,15 @@ def resolve_eval_split(
 ) -> str:
     """The split to evaluate: ``requested``, except that ``test`` falls back to ``dev`` where the
     set has no test split (the paper's selection: NQ/TriviaQA/PopQA/Bamboogle test,
-    HotpotQA/2Wiki/MuSiQue dev). Local data decides first (the shared samples have dev only)."""
+    HotpotQA/2Wiki/MuSiQue dev). Local data decides first (the shared samples have dev only):
+    with ``source_dir`` only its files count (that is where :func:`load_split` reads from),
+    without it the prepared splits and the default source's files."""
     spec = get_spec(dataset)
     if requested != "test":
         return requested
-    have = available_splits(dataset, source_dir)
+    have = (
+        source_splits(source_dir, dataset) if source_dir is not None else available_splits(dataset)
+    )
     if "test" in have:
         return "test"
     if "dev" in have:

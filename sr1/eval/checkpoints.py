@@ -41,8 +41,9 @@ def resolve_run_checkpoint(run_id: str, store: Store | None = None) -> tuple[Pat
     checkpoints are expected and which runs do have some.
     """
     store = store or Store()
+    run_dir = paths.run_dir(run_id)  # a run id, never a path out of SR1_HOME
     run = store.get_run(run_id)
-    ckpt = latest_checkpoint(paths.runs_dir() / run_id)
+    ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         with_ckpt = [
             r["run_id"]

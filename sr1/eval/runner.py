@@ -14,6 +14,7 @@ fingerprint, sampling, seed, split, limit, a hash of the evaluated example ids).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -110,10 +111,10 @@ def _load_rows(dataset: str, split: str, source_dir: str | None, limit: int | No
         ) from None
 
 
-def _resolve_split(dataset: str, requested: str) -> str:
+def _resolve_split(dataset: str, requested: str, source_dir: str | None = None) -> str:
     from sr1.data.prepare import resolve_eval_split
 
-    return resolve_eval_split(dataset, requested)
+    return resolve_eval_split(dataset, requested, source_dir)
 
 
 def _find_unfinished(store: Store, request_hash: str) -> str | None:
@@ -189,9 +190,11 @@ class _Evaluator:
         model_path: str,
         retriever: Any,
         tokenizer_path: str | None = None,
+        engines: contextlib.ExitStack | None = None,
+        log_dir: Path | None = None,
     ) -> None:
         from sr1.models import load_tokenizer
-        from sr1.rollout.engines import make_engine
+        from sr1.rollout.placement import open_engine
 
         self.cfg, self.method, self.retriever = cfg, method, retriever
         self.rcfg = eval_rollout_config(cfg, method)
@@ -202,14 +205,18 @@ class _Evaluator:
             self.opts,
             special_tokens=tuple(getattr(self.tokenizer, "all_special_tokens", []) or []),
         )
-        self.engine = make_engine(
-            cfg.rollout.engine,
+        # in-process, an engine process sr1 starts, or a server (rollout.placement/engine_url);
+        # closed (a started process stopped) with ``engines``
+        opened = open_engine(
+            cfg,
             model_path,
             self.tokenizer,
-            self.rcfg,
+            rollout=self.rcfg,
             device=cfg.model.device,
             dtype=cfg.model.dtype,
+            log_dir=log_dir,
         )
+        self.engine = (engines or contextlib.ExitStack()).enter_context(opened)
 
     def run_batch(self, dataset: str, split: str, rows: list[dict]) -> list[dict[str, Any]]:
         from sr1.data.prompts import render_prompt
@@ -413,7 +420,7 @@ def evaluate(
     # Load every dataset before the model: a missing or unknown dataset fails fast.
     data: dict[str, tuple[str, list[dict]]] = {}
     for d in req.datasets:
-        sp = _resolve_split(d, req.split)
+        sp = _resolve_split(d, req.split, req.source_dir)
         data[d] = (sp, _load_rows(d, sp, req.source_dir, req.limit))
 
     request_hash = _hash({"request": dataclasses.asdict(req), "config": to_dict(cfg)})
@@ -431,17 +438,20 @@ def evaluate(
     per_dataset: dict[str, dict[str, Any]] = {}
     setups: dict[str, dict[str, Any]] = {}
     evaluated_now = 0
-    with start_run(
-        "eval",
-        name=run_name,
-        config=to_dict(cfg),
-        params={"request": dataclasses.asdict(req), "request_hash": request_hash},
-        model=model_label,
-        parent_run=req.run,
-        resume=resume_id,
-        experiment=cfg.tracking.experiment,
-        mlflow_uri=cfg.tracking.mlflow_uri,
-    ) as ctx:
+    with (
+        start_run(
+            "eval",
+            name=run_name,
+            config=to_dict(cfg),
+            params={"request": dataclasses.asdict(req), "request_hash": request_hash},
+            model=model_label,
+            parent_run=req.run,
+            resume=resume_id,
+            experiment=cfg.tracking.experiment,
+            mlflow_uri=cfg.tracking.mlflow_uri,
+        ) as ctx,
+        contextlib.ExitStack() as engines,
+    ):
         todo_by_ds = {}
         for d, (_, rows) in data.items():
             done = store.done_example_ids(ctx.run_id, d)
@@ -454,7 +464,9 @@ def evaluate(
                 bs = max(int(cfg.eval.batch_size), 1)
                 for i in range(0, len(todo), bs):
                     if evaluator is None:
-                        evaluator = _Evaluator(cfg, meth, model_path, retriever, tokenizer_path)
+                        evaluator = _Evaluator(
+                            cfg, meth, model_path, retriever, tokenizer_path, engines, ctx.dir
+                        )
                     advance(0, description=f"eval {meth.name} {d}")
                     out = evaluator.run_batch(d, sp, todo[i : i + bs])
                     store.add_eval_results(ctx.run_id, out)

@@ -7,9 +7,11 @@ Formats (detected by extension, optionally ``.gz``):
 * ``.tsv``: DPR's ``psgs_w100.tsv`` with columns ``id, text, title`` (a header row is skipped).
 
 Both yield :class:`Passage` objects whose ``contents`` is ``"Title"\\ntext``, so the same passage
-read from either file is identical. Files are streamed line by line; a malformed line raises
-:class:`Sr1Error` naming ``file:line`` unless ``skip_bad_lines`` is set, in which case it is
-counted (``CorpusReader.bad_lines``) and skipped.
+read from either file is identical. Files are streamed line by line; a malformed line (bad
+JSON, missing fields, wrong column count, or not UTF-8) raises :class:`Sr1Error` naming
+``file:line`` unless ``skip_bad_lines`` is set, in which case it is counted
+(``CorpusReader.bad_lines``; ``undecodable_lines`` of them not UTF-8) and skipped. A ``.gz``
+file that is not gzip, or is truncated or corrupt, is always an error naming the line reached.
 
 The registry maps corpus *names* to files: ``synth`` (written by ``sr1 data synth``), ``wiki18``
 (a path from config / ``SR1_WIKI18``, or downloaded from the hub on request), and any other name
@@ -19,18 +21,17 @@ that has ``$SR1_HOME/corpora/<name>/corpus.jsonl``.
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
-import io
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from sr1 import paths
 from sr1.errors import NotFoundError, Sr1Error
+from sr1.io import iter_text_lines
 from sr1.registry import Registry
 from sr1.retrieval.base import Passage
 
@@ -56,12 +57,6 @@ def corpus_format(path: str | os.PathLike[str]) -> str:
     )
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
 def make_contents(title: str, text: str) -> str:
     """wiki-18's passage form: the quoted title on the first line, then the text."""
     return f'"{title}"\n{text}'
@@ -80,21 +75,32 @@ class CorpusReader:
         self.format = corpus_format(self.path)
         self.skip_bad_lines = skip_bad_lines
         self.bad_lines = 0
+        self.undecodable_lines = 0
+        self._lineno = 0  # the physical line last read (csv may consume several per row)
 
     def _bad(self, lineno: int, why: str) -> None:
         if not self.skip_bad_lines:
             raise Sr1Error(f"{self.path}:{lineno}: {why}", hint=_SKIP_HINT)
         self.bad_lines += 1
 
+    def _undecodable(self, lineno: int, why: str) -> None:
+        self._bad(lineno, why)
+        self.undecodable_lines += 1
+
+    def _lines(self) -> Iterator[str]:
+        for lineno, line in iter_text_lines(self.path, on_bad=self._undecodable):
+            self._lineno = lineno
+            yield line
+
     def __iter__(self) -> Iterator[Passage]:
-        reader: Callable[[IO[str]], Iterator[Passage]] = (
+        reader: Callable[[Iterator[str]], Iterator[Passage]] = (
             self._iter_jsonl if self.format == "jsonl" else self._iter_tsv
         )
-        with _open_text(self.path) as f:
-            yield from reader(f)
+        yield from reader(self._lines())
 
-    def _iter_jsonl(self, f: IO[str]) -> Iterator[Passage]:
-        for lineno, line in enumerate(f, 1):
+    def _iter_jsonl(self, f: Iterator[str]) -> Iterator[Passage]:
+        for line in f:
+            lineno = self._lineno
             if not line.strip():
                 continue
             try:
@@ -123,7 +129,7 @@ class CorpusReader:
             return "missing 'contents' (or 'title' and 'text')"
         return Passage(id=str(pid), contents=contents)
 
-    def _iter_tsv(self, f: IO[str]) -> Iterator[Passage]:
+    def _iter_tsv(self, f: Iterator[str]) -> Iterator[Passage]:
         rows = csv.reader(f, delimiter="\t")
         first = True
         while True:
@@ -132,9 +138,9 @@ class CorpusReader:
             except StopIteration:
                 return
             except csv.Error as e:
-                self._bad(rows.line_num, f"malformed TSV ({e})")
+                self._bad(self._lineno, f"malformed TSV ({e})")
                 continue
-            lineno = rows.line_num
+            lineno = self._lineno
             if first:
                 first = False
                 if [c.strip().lower() for c in row[:3]] == ["id", "text", "title"]:
@@ -160,8 +166,9 @@ def iter_corpus(
 ) -> Iterator[Passage]:
     """Stream the passages of a JSONL (FlashRAG) or TSV (DPR) corpus file, in file order.
 
-    With ``stats``, ``stats["skipped"]`` holds the malformed lines skipped so far and
-    ``stats["passages"]`` the passages yielded (final once the iterator is exhausted).
+    With ``stats``, ``stats["skipped"]`` holds the malformed lines skipped so far (of them
+    ``stats["undecodable"]`` not UTF-8) and ``stats["passages"]`` the passages yielded (final
+    once the iterator is exhausted).
     """
     reader = CorpusReader(path, skip_bad_lines=skip_bad_lines)
     if stats is None:
@@ -171,12 +178,15 @@ def iter_corpus(
 
 def _counting(reader: CorpusReader, stats: dict[str, int]) -> Iterator[Passage]:
     stats.setdefault("skipped", 0)
+    stats.setdefault("undecodable", 0)
     stats.setdefault("passages", 0)
     for p in reader:
         stats["skipped"] = reader.bad_lines
+        stats["undecodable"] = reader.undecodable_lines
         stats["passages"] += 1
         yield p
     stats["skipped"] = reader.bad_lines
+    stats["undecodable"] = reader.undecodable_lines
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -175,6 +175,7 @@ def build_index(
             "format": fmt,
             "size_bytes": corpus_path.stat().st_size,
             "skipped_lines": stats.get("skipped", 0),
+            "skipped_undecodable": stats.get("undecodable", 0),
         },
         "passages": n_docs,
         "build_time_s": round(build_s, 3),
@@ -242,7 +243,14 @@ def _build_into(
         finally:
             docs.close()
         if len(docs) == 0:
-            raise Sr1Error(f"{corpus_path}: the corpus has no passages")
+            skipped = stats.get("skipped", 0)
+            undecodable = stats.get("undecodable", 0)
+            raise Sr1Error(
+                f"{corpus_path}: the corpus has no passages"
+                + (f" ({skipped} malformed lines skipped" if skipped else "")
+                + (f", {undecodable} of them not UTF-8" if skipped and undecodable else "")
+                + (")" if skipped else "")
+            )
         advance(0, description=f"finishing {name} ({retriever})")
         return builder.finish(), len(docs)
 

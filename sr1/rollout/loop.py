@@ -196,6 +196,9 @@ def run_rollouts(
             for s in chunk:
                 finalize(s, tok, reward_fn, opts, default_task)
             advance(len(chunk))
+    clear = getattr(engine, "clear_cache", None)
+    if callable(clear):  # KV kept across turns is useless once the trajectories are done
+        clear()
     return [s.t for s in states]
 
 
@@ -261,9 +264,14 @@ def _generate(
     dt = time.perf_counter() - t0
     if len(outs) != len(live):
         raise Sr1Error(f"engine returned {len(outs)} outputs for {len(live)} prompts")
+    # the policy version that sampled these tokens (a remote engine reports the server's);
+    # a trajectory whose turns saw different versions keeps the oldest
+    version = int(getattr(engine, "version", 0))
     for s, o, b in zip(live, outs, budgets, strict=True):
         if len(o.token_ids) > b:
             raise Sr1Error(f"engine generated {len(o.token_ids)} tokens, over the budget of {b}")
+        first = not any(k == GEN for k, _, _ in s.t.segments)
+        s.t.policy_version = version if first else min(s.t.policy_version, version)
         s.t.gen_time_s += dt / len(live)
         s.append(o.token_ids, GEN, o.logprobs)
     return list(zip(live, outs, strict=True))

@@ -41,6 +41,9 @@ class Trajectory:
     gen_time_s: float = 0.0
     retrieval_time_s: float = 0.0
     group: int = 0  # index of the prompt within the batch (GRPO/RLOO groups)
+    # the policy version (RL steps whose update the engine had loaded) that sampled the
+    # response: the engine's ``version`` when its turns were generated
+    policy_version: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

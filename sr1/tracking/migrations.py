@@ -85,4 +85,18 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # Who runs a run, so a run whose process is gone reads "dead" instead of "running"
+        # forever (sr1.tracking.store.run_liveness). host_id is the boot id + pid namespace:
+        # the scope in which pid means one process; pid_started (epoch seconds) catches a
+        # reused pid; heartbeat_at is bumped by every step's metrics, eval batch and heartbeat.
+        "006_run_owner",
+        """
+        ALTER TABLE runs ADD COLUMN pid INTEGER;
+        ALTER TABLE runs ADD COLUMN host VARCHAR;
+        ALTER TABLE runs ADD COLUMN host_id VARCHAR;
+        ALTER TABLE runs ADD COLUMN pid_started DOUBLE;
+        ALTER TABLE runs ADD COLUMN heartbeat_at TIMESTAMP;
+        """,
+    ),
 ]

@@ -43,7 +43,8 @@ class Critic(nn.Module):
         critic = cls(backbone, backbone.config.hidden_size, seed)
         head = Path(path) / "v_head.pt"
         if head.is_file():
-            critic.v_head.load_state_dict(torch.load(head, map_location=device))
+            state = torch.load(head, map_location=device, weights_only=True)  # tensors only
+            critic.v_head.load_state_dict(state)
         return critic
 
     def save(self, out: Path) -> None:

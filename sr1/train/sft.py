@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import signal
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -157,7 +158,7 @@ def sft(
     from transformers import AutoModelForCausalLM
 
     from sr1.retrieval import open_retriever
-    from sr1.tracking.run import start_run
+    from sr1.tracking.run import RunInterrupted, StopSignals, start_run
     from sr1.train.trainer import DataOrder, _load_train_rows
 
     cfg = dataclasses.replace(
@@ -227,11 +228,12 @@ def sft(
             }
         )
         step = 0
-        with resolve_progress(progress)("sft", n_updates) as advance:
-            while step < n_updates:
+        # SIGINT/SIGTERM: finish the update, save checkpoints/step-N, stop (twice: at once)
+        with StopSignals() as stop, resolve_progress(progress)("sft", n_updates) as advance:
+            while step < n_updates and not stop.set:
                 perm = torch.randperm(len(trajs), generator=g)
                 for s in range(0, len(trajs), t.mini_batch_size):
-                    if step >= n_updates:
+                    if step >= n_updates or stop.set:
                         break
                     t0 = time.perf_counter()
                     idx = perm[s : s + t.mini_batch_size]
@@ -255,12 +257,26 @@ def sft(
                     run.log_metrics(step, m)
                     steps.append({"step": step, **m})
                     advance(1, description=f"sft loss {total:.3f}")
-        out = save_checkpoint(run.dir / "checkpoints" / "final", policy, tok, {"step": step})
+        interrupted = stop.set and step < n_updates
+        name = f"step-{step}" if interrupted else "final"  # a partial model is never "final"
+        with StopSignals():  # a signal now waits for the checkpoint (the work is done)
+            out = save_checkpoint(run.dir / "checkpoints" / name, policy, tok, {"step": step})
         run.log_artifact(out, kind="checkpoint")
-        return {
+        result = {
             "run_id": run.run_id,
             "checkpoint": str(out),
             "steps": steps,
             "n_examples": len(trajs),
             "final_loss": steps[-1]["sft/loss"] if steps else None,
         }
+        if interrupted:
+            run.log_params({"interrupted_at_step": step})
+            raise RunInterrupted(
+                run_id=run.run_id,
+                kind="sft",
+                signum=stop.signum or signal.SIGTERM,
+                step=step,
+                checkpoint=str(out),
+                result=result,
+            )
+        return result

@@ -9,7 +9,11 @@ old log-probs with the trainer's model (not the engine's, which may differ numer
 vLLM), reference log-probs (frozen base; with LoRA the adapter is switched off instead of
 keeping a copy), values for PPO, then advantages, then ``ppo_epochs`` passes of shuffled
 mini-batches, each one optimiser update accumulated over micro-batches. The rollout engine
-then gets the new weights (the HF engine shares the module, so that is free).
+then gets the new weights as policy version = step (the in-process HF engine shares the
+module, so that is free; an engine in another process or on a server gets the trainable
+tensors, :mod:`sr1.rollout.placement`). Every trajectory records the version that sampled it;
+a batch from an older version (``trainer.async_steps``, :mod:`sr1.train.rollouts`) always
+gets its old log-probs recomputed by the trainer's model.
 
 Deliberate departures from Search-R1/verl:
 - Group algorithms (grpo, rloo) refuse ``rollout.n_samples`` < 2 (their advantages would
@@ -24,8 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -43,6 +45,7 @@ from sr1.errors import ConfigError, NotFoundError
 from sr1.progress import ProgressFactory, silent
 from sr1.progress import resolve as resolve_progress
 from sr1.registry import Registry
+from sr1.rollout.engines import named_weights
 from sr1.rollout.types import Trajectory
 from sr1.train.batch import (
     TrainBatch,
@@ -53,14 +56,18 @@ from sr1.train.batch import (
     value_forward,
 )
 from sr1.train.checkpoint import (
+    clean_stale,
     latest_checkpoint,
+    link_copy,
     load_state,
     merged_copy,
+    prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from sr1.train.critic import Critic
+from sr1.train.rollouts import StepRollouts, check_async, policy_lag, stale
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,7 @@ class RLTrainer:
                 f"is {cfg.rollout.n_samples}",
                 hint="pass --set rollout.n_samples=5 (the paper's group size)",
             )
+        check_async(cfg)  # async rollouts need the engine outside this process
         self.adv_name = cfg.algorithm.adv_estimator or self.spec.adv_estimator
         core.ADV_ESTIMATORS.get(self.adv_name)
         core.POLICY_LOSSES.get(cfg.algorithm.policy_loss)
@@ -266,8 +274,12 @@ class RLTrainer:
         mask = batch.response_mask
         with self.autocast():
             batch.ref_logprobs = self._ref_logprobs(batch)
-            needs_old = not self._single_update(len(batch)) or (
-                batch.ref_logprobs is not None and self.acfg.kl_in_reward
+            needs_old = (
+                not self._single_update(len(batch))
+                or (batch.ref_logprobs is not None and self.acfg.kl_in_reward)
+                # sampled by an older policy version (async rollouts): the update's own
+                # forward is not the sampling policy's, so never reuse it as "old"
+                or stale(trajs, self.global_step)
             )
             # One on-policy update per batch: the policy that sampled is the one being updated,
             # so the old log-probs are the update's own (detached) log-probs and the extra
@@ -277,7 +289,7 @@ class RLTrainer:
             if self.critic is not None:
                 batch.values = batched_values(self.acc.unwrap_model(self.critic), batch, mbs)
         token_rewards = core.place_outcome_reward(batch.scores, mask)  # (B, R)
-        m: dict[str, float] = {}
+        m: dict[str, float] = policy_lag(trajs, self.global_step)
         if batch.ref_logprobs is not None and batch.old_logprobs is not None:
             kl = core.kl_penalty(
                 batch.old_logprobs, batch.ref_logprobs, mask, self.acfg.kl_estimator
@@ -382,12 +394,78 @@ class RLTrainer:
         self.global_step = step
         return metrics
 
+    def _inprocess_hf(self) -> bool:
+        rc = self.cfg.rollout
+        return rc.engine == "hf" and not rc.engine_url and rc.placement == "inprocess"
+
     def engine_model(self) -> torch.nn.Module:
-        """Weights for the rollout engine: the module itself, or a merged copy under LoRA for
-        engines that cannot run adapters (the HF engine runs the PEFT module directly)."""
-        if self.lora and self.cfg.rollout.engine != "hf":
+        """The module an in-process engine runs: the policy itself, or a merged copy under LoRA
+        for engines that cannot run adapters (the in-process HF engine runs the PEFT module)."""
+        if self.lora and not self._inprocess_hf():
             return merged_copy(self.model)
         return self.model
+
+    def engine_weights(self, full: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` pairs for ``Engine.update_weights`` after an update: the
+        trainable parameters (all that an optimiser step changes; frozen layers were sent in
+        the first, ``full`` sync), or every merged weight under LoRA. FSDP shards are
+        gathered (:func:`sr1.rollout.engines.named_weights`). The in-process HF engine
+        recognises its own parameters and copies nothing."""
+        if self.lora and not self._inprocess_hf():
+            return named_weights(merged_copy(self.model))
+        return named_weights(self.model, trainable_only=not full)
+
+    @contextlib.contextmanager
+    def rollouts(
+        self,
+        run: Any,
+        env: Any,
+        rows: Sequence[dict[str, Any]],
+        order: DataOrder,
+        reward_fn: Any,
+        start: int,
+        total: int,
+    ) -> Iterator[StepRollouts]:
+        """The engine (``rollout.placement`` / ``rollout.engine_url``; the weights of version
+        ``start`` pushed to one outside this process) and the steps' rollouts over it, both
+        closed on exit (an engine process sr1 started is stopped)."""
+        from sr1.rollout.placement import engine_died_hint, open_engine
+
+        acc, rc = self.acc, self.cfg.rollout
+        inprocess = not rc.engine_url and rc.placement == "inprocess"
+        shared = bool(rc.engine_url) and acc.num_processes > 1  # one server for every rank
+        log_dir = run.dir if acc.num_processes == 1 else run.dir / f"rank-{acc.process_index}"
+        with (
+            open_engine(
+                self.cfg,
+                self.engine_model() if inprocess else self.model,
+                self.tokenizer,
+                device=str(acc.device),
+                dtype=self.cfg.model.dtype,
+                weights=None if inprocess else (lambda: self.engine_weights(full=True)),
+                version=start,
+                log_dir=log_dir,
+                send=acc.is_main_process or not shared,
+            ) as engine,
+            StepRollouts(
+                engine,
+                env,
+                rows,
+                order,
+                self.cfg,
+                reward_fn,
+                start=start,
+                total=total,
+                rank=acc.process_index,
+                world=acc.num_processes,
+                pushes=acc.is_main_process or not shared,
+                barrier=acc.wait_for_everyone if shared else None,
+                on_engine_error=lambda e: engine_died_hint(e, run.run_id),
+            ) as ro,
+        ):
+            if shared:
+                acc.wait_for_everyone()  # rank 0's first sync reached the server
+            yield ro
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -475,43 +553,17 @@ def _load_train_rows(cfg: ExperimentConfig, tokenizer: Any) -> list[dict[str, An
     ]
 
 
-class _StopFlag:
-    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second
-    one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old: Any = None
-
-    def __enter__(self) -> _StopFlag:
-        with contextlib.suppress(ValueError):  # not the main thread: no handler
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.set = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
 def _link_copy(src: Path, dst: Path) -> None:
-    """``dst`` as a copy of ``src`` using hard links where possible (checkpoints are large)."""
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """``dst`` as a hard-link copy of ``src``, replaced atomically (:func:`link_copy`)."""
+    link_copy(src, dst)
 
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
 
-    shutil.copytree(src, tmp, copy_function=link)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+def _any_rank(acc: Any, flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (all ranks must agree to stop, or DDP hangs)."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
 
 
 def train(
@@ -526,6 +578,12 @@ def train(
 ) -> dict[str, Any]:
     """Run RL training; returns ``{run_id, checkpoint, steps: [per-step metrics], ...}``.
 
+    SIGINT or SIGTERM during training: the current step finishes, a ``step-N`` checkpoint is
+    written, the run is marked ``interrupted`` and :class:`sr1.tracking.run.RunInterrupted`
+    is raised (its ``result`` is this dict so far, its ``exit_code`` 130 or 143); a second
+    signal stops at once. Only the newest ``trainer.keep_checkpoints`` ``step-N`` folders
+    are kept (plus ``final``).
+
     ``resume=RUN_ID`` reloads that run's config and latest ``step-N`` checkpoint and continues
     with the same data order, optimiser and RNG state (``cfg``/``algo``/``model`` are then
     ignored). ``rows`` (with rendered ``prompt``) and ``retriever`` replace the configured
@@ -534,20 +592,20 @@ def train(
     """
     from sr1.envs import make_env
     from sr1.retrieval import open_retriever
-    from sr1.rollout.engines import make_engine
-    from sr1.rollout.loop import run_rollouts
-    from sr1.tracking.run import start_run
+    from sr1.tracking.run import RunInterrupted, StopSignals, start_run
 
     init_ckpt = None
     if resume is not None:
-        cfg_path = paths.runs_dir() / resume / "config.yaml"
+        run_dir = paths.run_dir(resume)  # a run id, never a path out of SR1_HOME
+        cfg_path = run_dir / "config.yaml"
         if not cfg_path.is_file():
             raise NotFoundError(
                 f"run {resume!r} has no saved config at {cfg_path}",
                 hint="list runs with `sr1 runs list`",
             )
         cfg = resolve_config(cfg_path)
-        init_ckpt = latest_checkpoint(paths.runs_dir() / resume / "checkpoints")
+        clean_stale(run_dir / "checkpoints")  # a killed save's or prune's leftovers
+        init_ckpt = latest_checkpoint(run_dir / "checkpoints")
         if init_ckpt is None:
             raise NotFoundError(
                 f"run {resume!r} has no checkpoint to resume from",
@@ -577,20 +635,15 @@ def train(
     if retriever is None and cfg.rollout.env == "search":
         retriever = open_retriever(cfg.retrieval.index, cfg.retrieval)
     env = make_env(cfg.rollout.env, retriever=retriever, topk=cfg.rollout.topk)
-    engine = make_engine(
-        cfg.rollout.engine,
-        trainer.engine_model(),
-        trainer.tokenizer,
-        cfg.rollout,
-        device=str(accelerator.device),
-        dtype=cfg.model.dtype,
-    )
     reward_fn = make_reward_fn(cfg.algorithm)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     steps: list[dict[str, float]] = []
     ckpt_dir: Path | None = None
     last_ckpt: Path | None = init_ckpt
+    last_saved = start
     interrupted = False
+    # MLflow gets a step's metrics once a checkpoint covers it (commit_metrics after each
+    # save), so a step redone after a kill and resume is in MLflow once (see sr1.tracking.run).
     with start_run(
         kind="train",
         name=f"{cfg.algorithm.name}-{cfg.model.name}",
@@ -600,8 +653,14 @@ def train(
         experiment=cfg.tracking.experiment,
         mlflow_uri=cfg.tracking.mlflow_uri,
         use_mlflow=accelerator.is_main_process,
+        defer_mlflow_metrics=True,
     ) as run:
         ckpt_dir = run.dir / "checkpoints"
+        # the engine (started / reached / built here, weights of version `start` pushed) and
+        # each step's rollouts; closed (an engine process stopped) when the block ends
+        engine_and_rollouts = trainer.rollouts(run, env, rows, order, reward_fn, start, total)
+        if resume is not None:
+            run.rewind(start)  # steps after the checkpoint are redone: drop what was logged
         if resume is None:
             run.log_params(
                 {
@@ -613,59 +672,65 @@ def train(
                     "n_train_rows": len(rows),
                 }
             )
-        with _StopFlag() as stop:
+        keep = cfg.trainer.keep_checkpoints
+
+        def save(step: int) -> Path:
+            out = _save(trainer, accelerator, ckpt_dir / f"step-{step}", step, order)
+            if accelerator.is_main_process:
+                prune_checkpoints(ckpt_dir, keep)
+            run.commit_metrics(step)
+            return out
+
+        # SIGINT/SIGTERM: finish the step, checkpoint, stop (a second signal stops at once)
+        with StopSignals() as stop, engine_and_rollouts as rollouts:
             bars = resolve_progress(progress) if accelerator.is_main_process else silent
             with bars("train", total, start) as advance:
                 for step in range(start + 1, total + 1):
+                    if _any_rank(accelerator, stop.set):
+                        break
                     t0 = time.perf_counter()
-                    picked = [rows[i] for i in order.take(cfg.trainer.prompts_per_step)]
-                    trajs = run_rollouts(
-                        engine,
-                        env,
-                        picked[rank::world],
-                        cfg.rollout,
-                        n_samples=n,
-                        reward_fn=reward_fn,
-                        progress=False,
-                        seed=cfg.rollout.seed + 7919 * step + rank,
-                        scoring=cfg.scoring.options(),
-                        default_task=cfg.scoring.default_task,
-                    )
+                    # this step's batch: rolled out now, or (trainer.async_steps) ahead of time
+                    trajs = rollouts.get(step)
                     t1 = time.perf_counter()
                     m = trainer.step_on(trajs)
-                    engine.update_weights(trainer.engine_model())
+                    tu = time.perf_counter()
+                    rollouts.push(trainer.engine_weights(), step)  # the engine now samples v=step
                     t2 = time.perf_counter()
                     trained = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+                    epochs = cfg.trainer.ppo_epochs
                     m.update(
                         {
                             "time/rollout_s": t1 - t0,
+                            "time/update_s": tu - t1,
+                            "time/weight_sync_s": t2 - tu,
                             "time/train_s": t2 - t1,
                             "time/step_s": t2 - t0,
-                            "perf/train_tokens_per_s": trained
-                            * cfg.trainer.ppo_epochs
-                            / max(t2 - t1, 1e-9),
+                            "perf/train_tokens_per_s": trained * epochs / max(t2 - t1, 1e-9),
+                            "perf/update_tokens_per_s": trained * epochs / max(tu - t1, 1e-9),
                         }
                     )
                     steps.append({"step": step, **m})
+                    stopping = _any_rank(accelerator, stop.set)
                     if step % cfg.tracking.log_every == 0 or step == total:
-                        run.log_metrics(step, m)
-                    if step % cfg.trainer.save_every == 0 or step == total or stop.set:
-                        last_ckpt = _save(
-                            trainer, accelerator, ckpt_dir / f"step-{step}", step, order
-                        )
+                        run.log_metrics(step, m)  # also the run's heartbeat
+                    else:
+                        run.heartbeat()
+                    if step % cfg.trainer.save_every == 0 or step == total or stopping:
+                        last_ckpt, last_saved = save(step), step
                     advance(1, description=f"step {step} reward {m['reward/mean']:.3f}")
-                    if stop.set:
-                        interrupted = True
+                    if stopping:
                         break
+            done = steps[-1]["step"] if steps else start
+            interrupted = _any_rank(accelerator, stop.set) and done < total
+            if interrupted and done > last_saved:  # stopped between a step and its save
+                last_ckpt, last_saved = save(done), done
         final = None
         if not interrupted and last_ckpt is not None and accelerator.is_main_process:
             final = ckpt_dir / "final"
-            _link_copy(last_ckpt, final)
+            with StopSignals():  # every step is done: a signal now waits for the copy
+                _link_copy(last_ckpt, final)
             run.log_artifact(final, kind="checkpoint")
-        if interrupted:
-            run.log_params({"interrupted_at_step": steps[-1]["step"] if steps else start})
-        accelerator.wait_for_everyone()
-        return {
+        result = {
             "run_id": run.run_id,
             "checkpoint": str(final or last_ckpt) if (final or last_ckpt) else None,
             "steps": steps,
@@ -674,6 +739,19 @@ def train(
             "group_size": n,
             "start_step": start,
         }
+        if interrupted:
+            run.log_params({"interrupted_at_step": done})
+            accelerator.wait_for_everyone()
+            raise RunInterrupted(
+                run_id=run.run_id,
+                kind="train",
+                signum=stop.signum or signal.SIGTERM,  # None here: another rank got it
+                step=done,
+                checkpoint=str(last_ckpt) if last_ckpt else None,
+                result=result,
+            )
+        accelerator.wait_for_everyone()
+        return result
 
 
 def _save(trainer: RLTrainer, acc: Any, out: Path, step: int, order: DataOrder) -> Path:

@@ -104,7 +104,8 @@ def test_baseline_methods() -> None:
     ]
     rag = render_prompt("who founded qelm", method="rag", passages=ps)
     assert format_passages(ps) in rag
-    assert "Doc 1(Title: Qelm) Qelm was founded by Anra Voss.\nDoc 2(Title: Zorvia)" in rag
+    # Search-R1's text: the corpus title line as stored (wiki-18 quotes it)
+    assert 'Doc 1(Title: "Qelm") Qelm was founded by Anra Voss.\nDoc 2(Title: "Zorvia")' in rag
     assert rag.index("Doc 1") < rag.index("Question: who founded qelm?")
     with pytest.raises(Sr1Error, match="needs the retrieved passages"):
         render_prompt("q", method="rag")

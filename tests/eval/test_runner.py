@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from sr1 import paths
 from sr1.cli.main import app
 from sr1.config import resolve_config
-from sr1.errors import NotFoundError, Sr1Error
+from sr1.errors import ConfigError, NotFoundError, Sr1Error
 from sr1.eval.checkpoints import latest_checkpoint, resolve_run_checkpoint
 from sr1.tasks import task_for
 from sr1.tracking.store import Store
@@ -235,7 +235,8 @@ def test_cli_eval_json_and_errors(tiny_qwen2: str, shared_data: Path) -> None:
     res = runner.invoke(app, ["eval", "--dataset", "nq", "--run", "train-missing"])
     assert isinstance(res.exception, NotFoundError) and "unknown run id" in str(res.exception)
     res = runner.invoke(app, ["eval", "-d", "nq", "--model", tiny_qwen2, "--method", "bogus"])
-    assert isinstance(res.exception, NotFoundError) and "direct" in str(res.exception)
+    # an unknown method is a config value outside its choices: refused before any work
+    assert isinstance(res.exception, ConfigError) and "direct" in str(res.exception)
     _needs_stack()
     qa = str(shared_data / "qa")
     res = runner.invoke(

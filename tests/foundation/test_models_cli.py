@@ -55,10 +55,37 @@ def test_fetch_via_cli_and_list(sr1_home: Path) -> None:
 def test_resolution_rules(sr1_home: Path, tmp_path: Path) -> None:
     assert models.resolve("qwen2.5-3b") == "Qwen/Qwen2.5-3B"
     assert models.resolve("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
-    with pytest.raises(NotFoundError, match="sr1 model fetch smollm2-135m"):
-        models.resolve("smollm2-135m")
     with pytest.raises(NotFoundError, match="no config.json"):
         models.resolve(str(tmp_path))
+
+
+def test_local_alias_is_fetched_on_first_use(sr1_home: Path, capsys) -> None:
+    """What `sr1 eval --model tiny-qwen2` (and train, sft, rollout) do on a fresh SR1_HOME."""
+    d = sr1_home / "models" / "tiny-qwen2"
+    assert not d.exists()
+    assert models.resolve("tiny-qwen2") == str(d)
+    assert "fetching tiny-qwen2" in capsys.readouterr().err
+    assert (d / "config.json").is_file() and (d / "sr1_model.json").is_file()
+    mtime = (d / "config.json").stat().st_mtime_ns
+    model = models.load_model("tiny-qwen2", device="cpu")  # the second use finds it
+    assert model.config.hidden_size == models.TINY_QWEN2["hidden_size"]
+    assert (d / "config.json").stat().st_mtime_ns == mtime
+    assert "fetching" not in capsys.readouterr().err
+    assert models.model_fingerprint("tiny-qwen2")["alias"] == "tiny-qwen2"
+
+
+def test_fetch_tolerates_a_concurrent_fetch(sr1_home: Path, monkeypatch) -> None:
+    """Two DDP ranks may fetch the same alias at once: the loser finds the winner's copy."""
+    out = sr1_home / "models" / "tiny-qwen2"
+
+    def racing_fetch(tmp: Path) -> None:
+        out.mkdir(parents=True)  # the other rank finishes first ...
+        (out / "config.json").write_text("{}", encoding="utf-8")
+        (tmp / "config.json").write_text("{}", encoding="utf-8")  # ... then this one
+
+    monkeypatch.setitem(models._FETCHERS, "tiny-qwen2", racing_fetch)
+    assert models.fetch("tiny-qwen2") == out
+    assert [p.name for p in out.parent.iterdir()] == ["tiny-qwen2"]  # no temp dir left
 
 
 def test_cli_errors_are_one_line_with_exit_code(capsys: pytest.CaptureFixture[str]) -> None:

@@ -82,9 +82,10 @@ class ScriptedEngine:
         self.max_context = max_context
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.calls: list[tuple[list[list[int]], list[int], list[str]]] = []
+        self.version = 0
 
-    def update_weights(self, model: Any) -> None:
-        pass
+    def update_weights(self, named_tensors: Any, version: int) -> None:
+        self.version = int(version)
 
     def generate(
         self,

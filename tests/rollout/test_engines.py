@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sr1.models import load_model, load_tokenizer
-from sr1.rollout.engines import make_engine
+from sr1.rollout.engines import make_engine, named_weights
 from sr1.rollout.loop import run_rollouts
 
 from .conftest import SCRIPT_CFG, SCRIPT_ROWS, SCRIPTS, enc, search_script_ids
@@ -100,14 +100,15 @@ def test_vllm_weight_sync_matches_trainer_logprobs(scripted_model: str, vllm_eng
     opt.step()
     stale = teacher_logprobs(model, prompt, before.token_ids)
     assert (stale - torch.tensor(before.logprobs)).abs().max() > 0.05  # the update matters
-    vllm_engine.update_weights(model)
+    vllm_engine.update_weights(named_weights(model), 1)
+    assert vllm_engine.version == 1
     for seed in (0, 1):
         after = vllm_engine.generate([prompt], 12, [], temperature=1.0, seed=seed)[0]
         ref = teacher_logprobs(model, prompt, after.token_ids)
         gap = (ref - torch.tensor(after.logprobs)).abs().max()
         assert gap < 1e-3, f"vLLM logprobs differ from the trainer's by {gap} after sync"
     # syncing the original weights back restores the scripted behaviour exactly
-    vllm_engine.update_weights(load_model(scripted_model, device="cpu"))
+    vllm_engine.update_weights(named_weights(load_model(scripted_model, device="cpu")), 0)
     trajs = run_rollouts(
         vllm_engine, BM25Retriever(), SCRIPT_ROWS, SCRIPT_CFG, greedy=True, progress=False
     )

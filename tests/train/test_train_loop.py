@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from sr1.models import load_tokenizer
+from sr1.tracking.run import RunInterrupted
+from sr1.tracking.store import Store
 from sr1.train import trainer as trainer_mod
 from sr1.train.trainer import train
 
@@ -81,7 +83,13 @@ def test_sigint_saves_and_stops(tiny_qwen2, setup, monkeypatch):
         return out
 
     monkeypatch.setattr(trainer_mod.RLTrainer, "step_on", step_then_interrupt)
-    res = train(cfg, "grpo", tiny_qwen2, max_steps=5, progress=False, rows=data)
+    with pytest.raises(RunInterrupted) as info:
+        train(cfg, "grpo", tiny_qwen2, max_steps=5, progress=False, rows=data)
+    e = info.value
+    assert e.exit_code == 130 and e.step == 1 and e.checkpoint.endswith("step-1")
+    assert f"sr1 train --resume {e.run_id}" in str(e)
+    res = e.result
     assert res["interrupted"] and [s["step"] for s in res["steps"]] == [1]
     assert res["checkpoint"].endswith("step-1")
+    assert Store().get_run(e.run_id)["status"] == "interrupted"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

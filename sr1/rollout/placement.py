@@ -1,0 +1,324 @@
+"""Where the rollout engine runs: in-process, in its own process, or on a remote server.
+
+``open_engine`` is what ``sr1 train``, ``sr1 eval`` and ``sr1 rollout`` call:
+
+- ``rollout.engine_url=http://HOST:PORT``: a running ``sr1 serve engine`` (any host); a
+  :class:`~sr1.rollout.remote.RemoteEngine` talks to it.
+- ``rollout.placement=process``: sr1 starts ``sr1 serve engine`` itself as a child process on
+  a free port of 127.0.0.1 (its own process group, its output in ``engine.log``), waits until
+  ``/health`` answers, and stops it (SIGTERM to the group, then SIGKILL) when the command ends:
+  normally, on an error, on Ctrl-C or SIGTERM (the context manager's exit, with ``atexit`` as
+  a backstop and, on Linux, ``PR_SET_PDEATHSIG`` should the parent be killed outright).
+- ``rollout.placement=inprocess`` (default): :func:`~sr1.rollout.engines.make_engine` here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sr1.config import ExperimentConfig, RolloutConfig, to_dict
+from sr1.errors import Sr1Error
+from sr1.rollout.remote import EngineDied, EngineError, RemoteEngine
+
+LOG_TAIL_LINES = 15
+_LIVE: set[EngineProcess] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _stop_all() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for p in live:
+        p.stop()
+
+
+atexit.register(_stop_all)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM this child when the process (thread) that started it dies."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(ln.rstrip() for ln in lines[-n:] if ln.strip())
+
+
+def _exit_words(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"was killed by signal {-code} (exit code {code})"
+    return f"exited with code {code}"
+
+
+class EngineProcess:
+    """``sr1 serve engine`` as a child process: :meth:`start` (returns its URL once it answers
+    ``/health``), :meth:`death` (an :class:`EngineDied` once it has exited), :meth:`stop`."""
+
+    def __init__(
+        self,
+        model: str,
+        cfg: ExperimentConfig,
+        log_path: str | Path | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.device = device or cfg.model.device
+        self.dtype = dtype or cfg.model.dtype
+        self._tmp = Path(tempfile.mkdtemp(prefix="sr1-engine-"))
+        self.log_path = Path(log_path) if log_path else self._tmp / "engine.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def _config_file(self) -> Path:
+        """The model and rollout sections for the child (placement reset: it serves)."""
+        d = to_dict(self.cfg)
+        rollout = dict(d["rollout"], placement="inprocess", engine_url=None)
+        out = self._tmp / "engine.yaml"
+        out.write_text(yaml.safe_dump({"model": d["model"], "rollout": rollout}))
+        return out
+
+    def command(self, ready: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "sr1.cli.main",
+            "serve",
+            "engine",
+            "--model",
+            self.model,
+            "--engine",
+            self.cfg.rollout.engine,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            self.device,
+            "--dtype",
+            self.dtype,
+            "--config",
+            str(self._config_file()),
+            "--ready-file",
+            str(ready),
+        ]
+
+    def start(self) -> str:
+        """Start the child and wait (``rollout.engine_startup_timeout_s``) until it serves."""
+        import requests
+
+        ready = self._tmp / "ready.json"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(ready),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own process group: Ctrl-C goes to sr1, not it
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        deadline = time.monotonic() + self.cfg.rollout.engine_startup_timeout_s
+        try:
+            while True:
+                died = self.death("start-up", wait_s=0.0)
+                if died is not None:
+                    raise died
+                if ready.is_file():
+                    url = json.loads(ready.read_text())["url"]
+                    with contextlib.suppress(requests.RequestException):
+                        if requests.get(url + "/health", timeout=5).ok:
+                            self.url = url
+                            return url
+                if time.monotonic() > deadline:
+                    raise EngineError(
+                        f"the engine process (pid {self.pid}) did not answer /health within "
+                        f"{self.cfg.rollout.engine_startup_timeout_s:.0f} s; last lines of "
+                        f"{self.log_path}:\n{_tail(self.log_path)}",
+                        hint="raise rollout.engine_startup_timeout_s",
+                    )
+                time.sleep(0.25)
+        except BaseException:
+            self.stop()
+            raise
+
+    def death(self, during: str, wait_s: float = 5.0) -> EngineDied | None:
+        """An :class:`EngineDied` saying what happened if the child has exited (waiting up to
+        ``wait_s`` for a dying one), else None."""
+        if self.proc is None:
+            return None
+        try:
+            code = self.proc.wait(timeout=wait_s) if wait_s > 0 else self.proc.poll()
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is None:
+            return None
+        tail = _tail(self.log_path)
+        msg = (
+            f"the rollout engine process (`sr1 serve engine --engine {self.cfg.rollout.engine}`"
+            f", pid {self.proc.pid}) {_exit_words(code)} during {during}"
+        )
+        if tail:
+            msg += f"; last lines of its log {self.log_path}:\n{tail}"
+        else:
+            msg += f" (its log {self.log_path} is empty)"
+        return EngineDied(msg, code, tail)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the child's process group, SIGKILL it after ``grace_s``; idempotent."""
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        p = self.proc
+        if p is not None and p.poll() is None:
+            for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, sig)
+                try:
+                    p.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if p is not None:  # the group may outlive its leader (workers it started)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+        ready = self._tmp / "ready.json"
+        with contextlib.suppress(OSError):
+            ready.unlink()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While sr1 owns a child process, SIGTERM (default: die at once, skipping cleanup) raises
+    KeyboardInterrupt instead, so the child is stopped on the way out. A handler someone else
+    installed is left alone; outside the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        from sr1.tracking.run import SignalInterrupt
+
+        raise SignalInterrupt(signum)
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def open_engine(
+    cfg: ExperimentConfig,
+    model: str | torch.nn.Module,
+    tokenizer: Any,
+    *,
+    rollout: RolloutConfig | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None,
+    version: int = 0,
+    log_dir: str | Path | None = None,
+    send: bool = True,
+) -> Iterator[Any]:
+    """The engine for ``cfg.rollout`` (``rollout`` overrides it), closed on exit.
+
+    ``model`` is a path/alias (eval, rollout) or the trainer's module. ``weights()`` (the
+    trainer's full weights) are pushed to an engine outside this process before use, as policy
+    ``version``; without it a served model that is not ``model`` gets ``model``'s checkpoint
+    files. ``log_dir`` holds the child's ``engine.log`` (placement=process). ``send=False``
+    (data-parallel ranks other than the first sharing one server): ``weights()`` is iterated
+    (FSDP gathers are collectives) but not sent.
+    """
+    from sr1 import models
+    from sr1.rollout.engines import make_engine
+
+    rc = rollout or cfg.rollout
+    device = device or cfg.model.device
+    dtype = dtype or cfg.model.dtype
+    if not rc.engine_url and rc.placement == "inprocess":
+        engine = make_engine(rc.engine, model, tokenizer, rc, device=device, dtype=dtype)
+        engine.version = int(version)
+        try:
+            yield engine
+        finally:
+            with contextlib.suppress(Exception):
+                getattr(engine, "close", lambda: None)()
+        return
+    if isinstance(model, torch.nn.Module):
+        path = getattr(model, "name_or_path", None) or model.config._name_or_path
+    else:
+        path = models.resolve(model)
+    proc: EngineProcess | None = None
+    with contextlib.ExitStack() as stack:
+        if not rc.engine_url:
+            stack.enter_context(_sigterm_unwinds())
+            log = Path(log_dir) / "engine.log" if log_dir else None
+            proc = EngineProcess(path, cfg, log, device=rc.engine_device or device, dtype=dtype)
+            stack.callback(proc.stop)
+            url = proc.start()
+        else:
+            url = rc.engine_url
+        engine = RemoteEngine(url, tokenizer, rc, process=proc)
+        stack.callback(engine.close)
+        if weights is not None and send:
+            engine.update_weights(weights(), version)
+        elif weights is not None:
+            for _ in weights():
+                pass
+            engine.version = int(version)
+        elif rc.engine_url and not engine.serves(path):
+            engine.load_checkpoint(path, version)
+        yield engine
+
+
+def engine_died_hint(e: EngineError, run_id: str) -> Sr1Error:
+    """``e`` re-raised for a train run: the last checkpoint is kept, ``--resume`` continues."""
+    return Sr1Error(
+        str(e),
+        hint=f"the run's last checkpoint is intact; continue with `sr1 train --resume {run_id}`",
+    )
+
+
+__all__ = ["EngineDied", "EngineError", "EngineProcess", "open_engine"]
