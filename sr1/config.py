@@ -370,9 +370,11 @@ class RolloutConfig(_Section):
         None,
         "http://HOST:PORT of a running `sr1 serve engine`: train, eval and rollout generate "
         "there (weights pushed to it). None = rollout.placement decides.",
-        check=lambda v: None
-        if v is None or str(v).startswith(("http://", "https://"))
-        else "must start with http:// or https://",
+        check=lambda v: (
+            None
+            if v is None or str(v).startswith(("http://", "https://"))
+            else "must start with http:// or https://"
+        ),
     )
     weight_sync: str = opt(
         "auto",

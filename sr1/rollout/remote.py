@@ -239,8 +239,7 @@ class RemoteEngine:
                 if died is not None:
                     raise died from None
             err = EngineError(
-                f"the engine server at {self.url} stopped answering during {what} "
-                f"({_reason(e)})",
+                f"the engine server at {self.url} stopped answering during {what} ({_reason(e)})",
                 hint="check that `sr1 serve engine` is still running there",
             )
             err.reason = _reason(e)

@@ -211,6 +211,7 @@ def test_an_engine_process_is_stopped_on_sigterm_errors_and_exit(
     from sr1.config import resolve_config
 
     placement = fake_engine_process
+    before = set(placement._LIVE)  # session-scoped engine servers of other tests stay up
     cfg = resolve_config(overrides=["rollout.placement=process", "model.device=cpu"])
     tok = load_tokenizer(tiny_qwen2)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -219,7 +220,7 @@ def test_an_engine_process_is_stopped_on_sigterm_errors_and_exit(
         assert os.getpgid(pid) == pid != os.getpgid(0)  # its own group: no stray Ctrl-C
         assert eng.max_context == 64 and eng.health()["model"] == "fake"
         os.kill(os.getpid(), signal.SIGTERM)
-    assert _gone(pid) and not placement._LIVE
+    assert _gone(pid) and placement._LIVE == before
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
     with (
         pytest.raises(RuntimeError, match="boom"),
@@ -227,10 +228,14 @@ def test_an_engine_process_is_stopped_on_sigterm_errors_and_exit(
     ):
         pid = e.process.pid
         raise RuntimeError("boom")
-    assert _gone(pid) and not placement._LIVE
+    assert _gone(pid) and placement._LIVE == before
     proc = placement.EngineProcess(tiny_qwen2, cfg)
-    proc.start()
-    placement._stop_all()  # what atexit runs
+    placement._LIVE.difference_update(before)  # keep other tests' session servers out of it
+    try:
+        proc.start()
+        placement._stop_all()  # what atexit runs
+    finally:
+        placement._LIVE.update(before)
     assert _gone(proc.pid)
     assert proc.death("the test").exit_code == -signal.SIGTERM
     assert "fake engine serving" in proc.death("the test").log_tail

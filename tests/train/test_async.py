@@ -104,11 +104,12 @@ def test_a_killed_engine_process_fails_clearly_and_resume_continues(
     )
     real = trainer_mod.RLTrainer.step_on
     killed: list[int] = []
+    before = set(placement._LIVE)  # session-scoped engine servers of other tests stay up
 
     def step_then_kill(self, trajs):
         out = real(self, trajs)
         if self.global_step == 2:  # the engine dies before step 2's weights reach it
-            (proc,) = list(placement._LIVE)
+            (proc,) = list(placement._LIVE - before)
             killed.append(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
         return out
@@ -123,14 +124,14 @@ def test_a_killed_engine_process_fails_clearly_and_resume_continues(
     assert "weight update (version 2)" in msg and "engine.log" in msg
     assert f"sr1 train --resume {rid}" in msg
     assert Store().get_run(rid)["status"] == "failed"
-    assert not placement._LIVE  # nothing left running
+    assert placement._LIVE == before  # nothing of this run left running
     ckpts = Path(os.environ["SR1_HOME"]) / "runs" / rid / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-1"]
 
     monkeypatch.setattr(trainer_mod.RLTrainer, "step_on", real)
     more = train(cfg, "", "", resume=rid, max_steps=2, progress=False, rows=data)
     assert more["run_id"] == rid and [s["step"] for s in more["steps"]] == [2]
-    assert Store().get_run(rid)["status"] == "finished" and not placement._LIVE
+    assert Store().get_run(rid)["status"] == "finished" and placement._LIVE == before
 
 
 SETS = [
