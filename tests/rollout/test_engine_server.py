@@ -220,7 +220,7 @@ def test_an_engine_process_is_stopped_on_sigterm_errors_and_exit(
         assert os.getpgid(pid) == pid != os.getpgid(0)  # its own group: no stray Ctrl-C
         assert eng.max_context == 64 and eng.health()["model"] == "fake"
         os.kill(os.getpid(), signal.SIGTERM)
-    assert _gone(pid) and placement._LIVE == before
+    assert _gone(pid) and before == placement._LIVE
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
     with (
         pytest.raises(RuntimeError, match="boom"),
@@ -228,7 +228,7 @@ def test_an_engine_process_is_stopped_on_sigterm_errors_and_exit(
     ):
         pid = e.process.pid
         raise RuntimeError("boom")
-    assert _gone(pid) and placement._LIVE == before
+    assert _gone(pid) and before == placement._LIVE
     proc = placement.EngineProcess(tiny_qwen2, cfg)
     placement._LIVE.difference_update(before)  # keep other tests' session servers out of it
     try:

@@ -124,14 +124,14 @@ def test_a_killed_engine_process_fails_clearly_and_resume_continues(
     assert "weight update (version 2)" in msg and "engine.log" in msg
     assert f"sr1 train --resume {rid}" in msg
     assert Store().get_run(rid)["status"] == "failed"
-    assert placement._LIVE == before  # nothing of this run left running
+    assert before == placement._LIVE  # nothing of this run left running
     ckpts = Path(os.environ["SR1_HOME"]) / "runs" / rid / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-1"]
 
     monkeypatch.setattr(trainer_mod.RLTrainer, "step_on", real)
     more = train(cfg, "", "", resume=rid, max_steps=2, progress=False, rows=data)
     assert more["run_id"] == rid and [s["step"] for s in more["steps"]] == [2]
-    assert Store().get_run(rid)["status"] == "finished" and placement._LIVE == before
+    assert Store().get_run(rid)["status"] == "finished" and before == placement._LIVE
 
 
 SETS = [
