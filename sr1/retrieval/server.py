@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import math
 import re
@@ -77,6 +76,7 @@ from starlette.routing import Route
 
 from sr1.config import RetrievalConfig
 from sr1.errors import Sr1Error
+from sr1.net import bind_socket  # noqa: F401  (re-exported: sr1 serve, tests)
 from sr1.retrieval.base import Passage, Retriever
 
 # pydantic v2 lax str -> int: ASCII digits, optional sign, single "_" between digits, ".0..." tail.
@@ -901,29 +901,6 @@ def guarded_protocol(read_timeout_s: float, parser: str = "auto") -> type[asynci
 
 
 # -- listening, running, stopping ---------------------------------------------------------------
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (0 = any free port), not yet listening.
-
-    A port already in use is a one-line Sr1Error (the CLI: ``error: ...``, exit 2).
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise Sr1Error(f"cannot listen on {host}: {e.strerror}") from None
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)  # "localhost": 127.0.0.1, as before
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise Sr1Error(f"port {port} on {host} is in use") from None
-        raise Sr1Error(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
-    return sock
 
 
 class RetrievalServer:

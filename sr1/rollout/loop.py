@@ -68,7 +68,7 @@ SCORED_KINDS = frozenset({GEN, FORCE})
 def parse_query(turn_text: str) -> str | None:
     """The query between the last ``</search>`` of this turn and the ``<search>`` before it
     (stripped); None when there is no such pair or the query is empty."""
-    action = SearchEnv.parse(_PARSER, turn_text)
+    action = _PARSER.parse(turn_text)
     return action.content if action is not None else None
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import math
 import os
@@ -44,6 +43,7 @@ from typing import Any
 
 import torch
 
+from sr1 import net
 from sr1.errors import Sr1Error
 from sr1.rollout.remote import WEIGHTS_PREFIX, host_key, iter_safetensors
 
@@ -53,24 +53,8 @@ class BadRequest(Exception):
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (0 = any free port). A taken port is a one-line
-    Sr1Error (the CLI prints ``error: ...`` and exits 2) raised before any model loads."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise Sr1Error(f"cannot listen on {host}: {e.strerror}") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise Sr1Error(
-                f"port {port} on {host} is already in use: pass another --port (0 = any free one)"
-            ) from None
-        raise Sr1Error(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
+    """:func:`sr1.net.bind_socket`, listening (the engine server accepts on it directly)."""
+    sock = net.bind_socket(host, port)
     sock.listen(128)
     return sock
 
