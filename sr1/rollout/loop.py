@@ -6,7 +6,7 @@ the batched ``execute``, the observation rendering and the invalid-action notice
 every active trajectory generates until the tool's closing tag, ``</answer>`` or EOS. All
 actions of the turn go to ``env.execute`` in one batched call; each gets its observation
 appended (for search, Search-R1's ``\\n\\n<information>Doc 1(Title: "…") …</information>\\n\\n``),
-an invalid turn gets the environment's notice. ``_State.append`` is the only way tokens enter a trajectory: sampled
+an invalid turn gets the environment's notice. ``TrajectoryState.append`` is the only way tokens enter a trajectory: sampled
 tokens with mask 1 and their engine log-probs, inserted tokens with mask 0 and log-prob 0,
 each run recorded as a segment (gen / obs / notice / force). Nothing is ever re-tokenised:
 ``response_ids`` is exactly the sequence the model saw, and ``text`` is its decode.
@@ -115,7 +115,6 @@ class TrajectoryState:
         self.done, self.t.finish_reason = True, reason
 
 
-_State = TrajectoryState  # the name the tests and older callers use
 _PARSER = SearchEnv(None)  # parsing and rendering need no retriever
 
 
