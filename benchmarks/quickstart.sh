@@ -3,6 +3,7 @@
 # printed as one JSON document: {"wall_s", "stage_seconds", "rows", ...}.
 #   benchmarks/quickstart.sh                 # the default config (experiments/quickstart.yaml)
 #   benchmarks/quickstart.sh --set trainer.max_steps=4   # extra args go to `sr1 quickstart`
+#   benchmarks/quickstart.sh --ablations     # also the unmasked-RL row (paired_no_mask)
 # SR1_BENCH_HOME keeps the run's stores (default: a temp dir, removed at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +20,13 @@ res = json.load(open(sys.argv[1]))
 out = {
     "wall_s": round(float(sys.argv[3]) - float(sys.argv[2]), 1),
     "stage_seconds": res["seconds"],
-    "rows": [{k: r[k] for k in ("model", "method", "n", "em", "em_single_hop", "em_two_hop",
-                                "searches_per_question")} for r in res["rows"]],
+    "rows": [{k: r[k] for k in ("model", "method", "ablation", "n", "em", "cover_em",
+                                "em_single_hop", "em_two_hop", "searches_per_question",
+                                "searches_single_hop", "searches_two_hop")} for r in res["rows"]],
+    "paired": res["paired"],
     "train_run": res["train_run"],
 }
+if "paired_no_mask" in res:  # --ablations
+    out["paired_no_mask"] = res["paired_no_mask"]
 print(json.dumps(out, indent=2))
 PY

@@ -159,7 +159,9 @@ class ModelConfig(_Section):
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) for hub models.")
     dtype: str = opt(
         "auto",
-        "auto (bf16 on GPU with bf16 support, fp32 on CPU), float32, bfloat16, float16.",
+        "auto (bf16 on GPUs with bf16 support; on CPU bf16 only where the CPU runs it "
+        "natively, AMX-BF16 or AVX512-BF16, else fp32, and sr1 sft keeps the weights it trains "
+        "in fp32; SR1_CPU_BF16=0/1 overrides the detection), float32, bfloat16, float16.",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.", check=_device_check)
@@ -482,6 +484,12 @@ class TrainerConfig(_Section):
     critic_lr: float = opt(1e-5, "Critic learning rate (PPO).", gt=0, le=1)
     warmup_steps: int = opt(0, "Linear lr warmup steps.", ge=0)
     weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0)
+    adam_eps: float = opt(
+        1e-8,
+        "AdamW epsilon (policy and critic). Adam's first step is lr*sign(grad) wherever "
+        "|grad| >> eps.",
+        gt=0,
+    )
     grad_clip: float = opt(1.0, "Max gradient norm.", gt=0)
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory.")
     mixed_precision: str = opt(

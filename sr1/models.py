@@ -7,8 +7,10 @@ GPU cluster. Devices and dtypes come from :class:`sr1.config.ModelConfig`, never
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -197,18 +199,128 @@ def pick_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def pick_dtype(dtype: str = "auto", device: str = "cpu") -> Any:
-    """fp32 on CPU (bf16 is ~26x slower on AVX2), bf16 on GPUs that support it."""
+# /proc/cpuinfo flag names of the two ways an x86 CPU runs bf16 matmuls natively.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# Overrides the detection ("1": native, "0": not); tests pin it so numerics match on every CPU.
+CPU_BF16_ENV = "SR1_CPU_BF16"
+
+
+def _proc_cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> dict[str, Any]:
+    """This CPU's bf16 capabilities as torch and the kernel see them.
+
+    ``amx_bf16`` and ``avx512_bf16``: True when torch's cpuinfo (``torch.cpu``'s helpers, which
+    also check that the OS enabled AMX) or ``/proc/cpuinfo`` reports the extension;
+    ``capability``: the kernel set torch dispatches to (``torch.backends.cpu``, e.g. AVX512);
+    ``source``: where each flag came from.
+    """
     import torch
 
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    out: dict[str, Any] = {}
+    caps: dict[str, Any] = {}
+    with contextlib.suppress(Exception):  # private helpers: present in torch >= 2.3
+        caps = dict(torch.cpu.get_capabilities())  # type: ignore[attr-defined]
+    helpers = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    proc = _proc_cpuinfo_flags()
+    source: dict[str, str] = {}
+    for flag in CPU_BF16_FLAGS:
+        val: bool | None = None
+        if flag in caps:
+            val, source[flag] = bool(caps[flag]), "torch.cpu.get_capabilities"
+        else:
+            fn = getattr(torch.cpu, helpers[flag], None) or getattr(
+                torch._C._cpu, helpers[flag], None
+            )
+            if fn is not None:
+                with contextlib.suppress(Exception):
+                    val, source[flag] = bool(fn()), f"torch.cpu.{helpers[flag]}"
+        if val is None:
+            val, source[flag] = flag in proc, "/proc/cpuinfo"
+        out[flag] = val
+    capability = None
+    with contextlib.suppress(Exception):
+        capability = str(torch.backends.cpu.get_cpu_capability())
+    out["capability"] = capability
+    out["cpu_name"] = caps.get("cpu_name")
+    out["source"] = source
+    return out
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AMX-BF16 or AVX512-BF16), so bf16 weights
+    are a speed-up and not an emulation (bf16 ``generate`` was ~26x slower than fp32 on an
+    AVX2-only CPU). ``SR1_CPU_BF16=1`` / ``=0`` overrides the detection."""
+    env = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if env in ("1", "true", "yes"):
+        return True
+    if env in ("0", "false", "no"):
+        return False
+    f = cpu_flags()
+    return bool(f["amx_bf16"] or f["avx512_bf16"])
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def pick_dtype(dtype: str = "auto", device: str = "cpu", training: bool = False) -> Any:
+    """The torch dtype for ``model.dtype`` on ``device``.
+
+    ``auto``: bf16 on GPUs that support it; on CPU, bf16 only where the CPU runs it natively
+    (:func:`cpu_bf16_native`), else fp32. ``training=True`` (the weights an optimiser updates)
+    keeps fp32 on CPU: an Adam step of lr 2e-5 changes only ~4% of SmolLM2's bf16 weights (the
+    rest round away), and bf16 compute for training comes from ``trainer.mixed_precision: bf16``
+    (autocast over fp32 weights) instead. An explicit dtype is used as given.
+    """
+    import torch
+
     if dtype != "auto":
-        if dtype not in table:
-            raise Sr1Error(f"unknown dtype {dtype!r}; valid: auto, {', '.join(table)}")
-        return table[dtype]
-    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        if dtype not in _DTYPES:
+            raise Sr1Error(f"unknown dtype {dtype!r}; valid: auto, {', '.join(_DTYPES)}")
+        return getattr(torch, dtype)
+    if device.startswith("cuda"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if device.startswith("cpu") and not training and cpu_bf16_native():
         return torch.bfloat16
     return torch.float32
+
+
+def dtype_report(
+    dtype: str = "auto", device: str = "auto", training: bool = False
+) -> dict[str, Any]:
+    """What ``model.dtype`` / ``model.device`` resolve to here and why (recorded with runs).
+
+    Keys: ``requested`` (the config value), ``device`` (resolved), ``resolved`` (e.g.
+    ``bfloat16``), ``training`` and, on CPU, ``cpu_bf16_native``, ``cpu_flags``
+    (``amx_bf16``, ``avx512_bf16``, ``capability`` from :func:`cpu_flags`) and ``override``
+    (the ``SR1_CPU_BF16`` value, or None).
+    """
+    dev = pick_device(device)
+    resolved = str(pick_dtype(dtype, dev, training=training)).removeprefix("torch.")
+    out: dict[str, Any] = {
+        "requested": dtype,
+        "device": dev,
+        "resolved": resolved,
+        "training": training,
+    }
+    if dev.startswith("cpu"):
+        f = cpu_flags()
+        out["cpu_bf16_native"] = cpu_bf16_native()
+        out["cpu_flags"] = {k: f[k] for k in (*CPU_BF16_FLAGS, "capability")}
+        out["override"] = os.environ.get(CPU_BF16_ENV) or None
+    return out
 
 
 def load_tokenizer(name: str, revision: str | None = None) -> Any:

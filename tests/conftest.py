@@ -11,6 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = ["tests.engine_fixtures"]  # shared `sr1 serve engine` processes
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# model.dtype=auto would pick bf16 on CPUs with AVX512-BF16/AMX: pin fp32 so the suite's numerics
+# are the same on every CPU (tests of the detection itself clear it with monkeypatch)
+os.environ.setdefault("SR1_CPU_BF16", "0")
 
 
 @pytest.fixture(autouse=True)

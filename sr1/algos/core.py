@@ -76,13 +76,34 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+Reduce = Callable[[Tensor], Tensor]
+"""Sums a tensor over every data-parallel rank (all-reduce SUM); what makes batch statistics
+global when each rank holds a part of the batch. None means this process holds the whole batch."""
+
+
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce: Reduce | None = None,
+) -> Tensor:
     """Normalise ``x`` (any shape) to zero mean, unit variance over mask-1 entries.
 
     Mask-0 entries come back exactly 0. ``shift_mean=False`` keeps the original mean.
+    ``reduce`` (data parallelism): mean and variance are over the mask-1 entries of every
+    rank's ``x``, as if one process held the whole batch (verl whitens on the driver).
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    if reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask)
+    else:
+        m = mask.to(x.dtype)
+        s = reduce(torch.stack([masked_sum(x, mask), m.sum()]))  # (2,) global Σx, n
+        n = s[1].clamp(min=1.0)
+        mean = s[0] / n
+        sq = reduce(masked_sum((x - mean) ** 2, mask).reshape(1))[0]
+        var = sq / n * n / (n - 1).clamp(min=1.0)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -101,15 +122,24 @@ class AggDenom(float):
     ``loss_agg=token-mean``) still gets a mini-batch normaliser that fits it.
     """
 
-    __slots__ = ("tokens", "seqs", "norm")
+    __slots__ = ("tokens", "seqs", "norm", "kind")
 
-    def __new__(cls, value: float, *, tokens: float, seqs: float, norm: float) -> AggDenom:
+    def __new__(
+        cls, value: float, *, tokens: float, seqs: float, norm: float, kind: str = "tokens"
+    ) -> AggDenom:
         self = super().__new__(cls, value)
         self.tokens, self.seqs, self.norm = float(tokens), float(seqs), float(norm)
+        self.kind = kind  # which count the value is: tokens, seqs or norm
         return self
 
-    def __getnewargs_ex__(self) -> tuple[tuple[float], dict[str, float]]:  # pickle, copy
-        return (float(self),), {"tokens": self.tokens, "seqs": self.seqs, "norm": self.norm}
+    def __getnewargs_ex__(self) -> tuple[tuple[float], dict[str, Any]]:  # pickle, copy
+        kw = {"tokens": self.tokens, "seqs": self.seqs, "norm": self.norm, "kind": self.kind}
+        return (float(self),), kw
+
+    def with_counts(self, tokens: float, seqs: float) -> AggDenom:
+        """The same normaliser kind with other token/sequence counts (summed over ranks)."""
+        counts = {"tokens": float(tokens), "seqs": float(seqs), "norm": self.norm}
+        return AggDenom(counts[self.kind], kind=self.kind, **{k: counts[k] for k in counts})
 
     def for_mode(self, mode: str) -> float:
         """The normaliser ``mode`` uses (a registered name or alias)."""
@@ -199,7 +229,8 @@ def agg_denominator(mask: Tensor, mode: str, norm: float | None = None) -> AggDe
         "seqs": float((mask.sum(-1) > 0).sum()),
         "norm": float(mask.shape[-1]) if norm is None else float(norm),
     }
-    return AggDenom(counts[_DENOM_KIND[_canonical_agg(mode)]], **counts)
+    kind = _DENOM_KIND[_canonical_agg(mode)]
+    return AggDenom(counts[kind], kind=kind, **counts)
 
 
 # -- rewards on tokens -------------------------------------------------------------------------
@@ -309,11 +340,14 @@ def reinforce_pp_advantage(token_rewards: Tensor, mask: Tensor, gamma: float) ->
     return masked_whiten(discounted_returns(token_rewards, mask, gamma), mask)
 
 
-def reinforce_pp_baseline_advantage(scores: Tensor, index: Tensor, mask: Tensor) -> Tensor:
+def reinforce_pp_baseline_advantage(
+    scores: Tensor, index: Tensor, mask: Tensor, reduce: Reduce | None = None
+) -> Tensor:
     """REINFORCE++ with a group-mean baseline: ``r - mean_g`` broadcast over policy tokens,
-    then whitened over the batch. ``scores`` ``(B,)``, ``index`` ``(B,)``, ``mask`` ``(B, R)``."""
+    then whitened over the batch (every rank's, with ``reduce``). ``scores`` ``(B,)``,
+    ``index`` ``(B,)``, ``mask`` ``(B, R)``."""
     a = grpo_advantage(scores, index, mask, norm_by_std=False)
-    return masked_whiten(a, mask)
+    return masked_whiten(a, mask, reduce=reduce)
 
 
 AdvEstimator = Callable[..., tuple[Tensor, Tensor]]
@@ -334,11 +368,12 @@ def _est_gae(
     index: Tensor | None,
     values: Tensor | None,
     cfg: AlgorithmConfig,
+    reduce: Reduce | None = None,
 ) -> tuple[Tensor, Tensor]:
     adv, ret = compute_gae(
         token_rewards, _require(values, "values (a critic)", "gae"), mask, cfg.gamma, cfg.lam
     )
-    return masked_whiten(adv, mask), ret
+    return masked_whiten(adv, mask, reduce=reduce), ret
 
 
 @ADV_ESTIMATORS.register("grpo")
@@ -349,6 +384,7 @@ def _est_grpo(
     index: Tensor | None,
     values: Tensor | None,
     cfg: AlgorithmConfig,
+    reduce: Reduce | None = None,
 ) -> tuple[Tensor, Tensor]:
     scores = masked_sum(token_rewards, mask, -1)
     adv = grpo_advantage(scores, _require(index, "group index", "grpo"), mask, cfg.norm_adv_by_std)
@@ -363,6 +399,7 @@ def _est_rloo(
     index: Tensor | None,
     values: Tensor | None,
     cfg: AlgorithmConfig,
+    reduce: Reduce | None = None,
 ) -> tuple[Tensor, Tensor]:
     scores = masked_sum(token_rewards, mask, -1)
     adv = rloo_advantage(scores, _require(index, "group index", "rloo"), mask)
@@ -377,9 +414,10 @@ def _est_reinforce_pp(
     index: Tensor | None,
     values: Tensor | None,
     cfg: AlgorithmConfig,
+    reduce: Reduce | None = None,
 ) -> tuple[Tensor, Tensor]:
     ret = discounted_returns(token_rewards, mask, cfg.gamma)
-    return masked_whiten(ret, mask), ret
+    return masked_whiten(ret, mask, reduce=reduce), ret
 
 
 @ADV_ESTIMATORS.register("reinforce_pp_baseline")
@@ -390,10 +428,11 @@ def _est_reinforce_pp_baseline(
     index: Tensor | None,
     values: Tensor | None,
     cfg: AlgorithmConfig,
+    reduce: Reduce | None = None,
 ) -> tuple[Tensor, Tensor]:
     scores = masked_sum(token_rewards, mask, -1)
     adv = reinforce_pp_baseline_advantage(
-        scores, _require(index, "group index", "reinforce_pp_baseline"), mask
+        scores, _require(index, "group index", "reinforce_pp_baseline"), mask, reduce
     )
     return adv, adv
 
@@ -405,9 +444,15 @@ def compute_advantages(
     cfg: AlgorithmConfig,
     index: Tensor | None = None,
     values: Tensor | None = None,
+    reduce: Reduce | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Run the named estimator: ``(advantages, returns)``, both ``(B, R)``, 0 at mask-0."""
-    return ADV_ESTIMATORS.get(name)(token_rewards, mask, index=index, values=values, cfg=cfg)
+    """Run the named estimator: ``(advantages, returns)``, both ``(B, R)``, 0 at mask-0.
+
+    ``reduce`` makes batch-level statistics (the whitening of gae and reinforce_pp) span every
+    data-parallel rank; group estimators need none (a group never straddles ranks)."""
+    return ADV_ESTIMATORS.get(name)(
+        token_rewards, mask, index=index, values=values, cfg=cfg, reduce=reduce
+    )
 
 
 # -- log-probs, entropy, KL ----------------------------------------------------------------------
@@ -687,6 +732,31 @@ def entropy_bonus(
     entropy = masked_fill_zero(entropy, mask)
     ent = agg_loss(entropy, mask, loss_agg, denom)
     return ent, {"actor/entropy": float(masked_mean(entropy.detach(), mask))}
+
+
+# Loss metrics that are a micro-batch's *share* of its mini-batch loss (the normaliser is the
+# mini-batch's, over every rank): they add up, over micro-batches and ranks, to the loss of
+# the update. Every other per-micro-batch metric is a mean over the micro-batch's policy tokens.
+SUMMED_METRICS = frozenset({"actor/pg_loss", "critic/vf_loss"})
+
+
+def combine_metrics(items: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """One update's metrics from its micro-batches' ``(metrics, policy tokens)`` pairs (from
+    every rank): :data:`SUMMED_METRICS` summed, the rest weighted by tokens, so the result
+    does not depend on how the mini-batch was cut into micro-batches or ranks. A key whose
+    items have no tokens at all is a plain mean."""
+    keys = {k for m, _ in items for k in m}
+    out: dict[str, float] = {}
+    for k in keys:
+        have = [(m[k], w) for m, w in items if k in m]
+        if k in SUMMED_METRICS:
+            out[k] = float(sum(v for v, _ in have))
+            continue
+        tw = sum(w for _, w in have)
+        out[k] = float(
+            sum(v * w for v, w in have) / tw if tw > 0 else sum(v for v, _ in have) / len(have)
+        )
+    return out
 
 
 def metric_means(items: list[dict[str, float]]) -> dict[str, Any]:

@@ -103,7 +103,8 @@ def _table_row(
 def _search_tables(
     rows: list[dict[str, Any]], examples: dict[str, list[dict[str, Any]]], metric: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Searches/answer-in-docs by dataset, and pooled single- vs multi-hop groups."""
+    """Searches, answer-in-docs, EM and cover-EM by dataset, and pooled single- vs multi-hop
+    groups."""
     by_dataset, by_hops = [], []
     for row in rows:
         exs = examples.get(row["run_id"], [])
@@ -121,6 +122,8 @@ def _search_tables(
                     "dataset": d,
                     "hops": hop_group(d),
                     "n": s["n"],
+                    "em": s["em"],
+                    "cover_em": s["cover_em"],
                     "searches_mean": s["searches_mean"],
                     "searches_dist": s["searches_dist"],
                     "answer_in_docs": s["answer_in_docs"],
@@ -138,7 +141,8 @@ def _search_tables(
                     "label": row["label"],
                     "group": g,
                     "n": s["n"],
-                    metric: s[metric],
+                    # the report's metric, and EM and cover-EM whatever it is
+                    **{k: s[k] for k in dict.fromkeys((metric, "em", "cover_em"))},
                     "searches_mean": s["searches_mean"],
                     "answer_in_docs": s["answer_in_docs"],
                 }

@@ -56,7 +56,7 @@ class Engine(Protocol):
         stop: list[str],
         temperature: float,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[GenOutput]:
         """Continue each token-id prompt; one :class:`GenOutput` per prompt, in order.
 
@@ -65,6 +65,10 @@ class Engine(Protocol):
         ``stop_str`` set), or at its budget (``length``). ``temperature`` 0 is greedy; else
         temperature + top-p sampling. ``logprobs`` are the sampled tokens' log-probs under the
         raw distribution (temperature 1, no top-p): what the trainer recomputes.
+
+        ``seed``: one per prompt (each row's sampling depends on its own seed only, not on
+        what else is in the batch), or one int from which prompt ``i`` gets ``seed + i``;
+        None draws fresh entropy.
         """
         ...
 
@@ -291,7 +295,7 @@ class HFEngine:
         stop: list[str],
         temperature: float,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[GenOutput]:
         if not prompts:
             return []
@@ -310,13 +314,13 @@ class HFEngine:
         stop: list[str],
         temperature: float,
         top_p: float,
-        seed: int | None,
+        seed: int | list[int] | None,
     ) -> list[GenOutput]:
         dev = self.device
-        gen = torch.Generator(device="cpu")
-        # no seed: fresh entropy, without reseeding torch's global generator (the trainer's)
-        gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
         B = len(prompts)
+        # one generator per row: a row samples the same tokens whatever else is in the batch
+        # (no seed: fresh entropy, without reseeding torch's global generator, the trainer's)
+        gens = [torch.Generator(device="cpu").manual_seed(s) for s in row_seeds(seed, B)]
         limits = _per_prompt(max_new_tokens, B)
         entries = self._take_cached(prompts)  # each row's cached prefix, or None
         cached = [e.length if e is not None else 0 for e in entries]
@@ -352,7 +356,7 @@ class HFEngine:
             )
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()  # (b, V)
-            nxt = _sample(logits, temperature, top_p, gen)  # (b,)
+            nxt = _sample(logits, temperature, top_p, [gens[i] for i in rows])  # (b,)
             tok_lp = torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)  # (b,)
             keep: list[int] = []
             for slot, i in enumerate(rows):
@@ -423,10 +427,25 @@ def _per_prompt(max_new_tokens: int | list[int], n: int) -> list[int]:
     return [int(m) for m in max_new_tokens]
 
 
+def row_seeds(seed: int | list[int] | None, n: int) -> list[int]:
+    """One sampling seed per prompt from an engine's ``seed`` argument (see
+    :meth:`Engine.generate`): a list as given, an int ``s`` as ``s + i``, None as fresh
+    entropy."""
+    if seed is None:
+        base = int.from_bytes(os.urandom(4), "little")
+        return [base + i for i in range(n)]
+    if isinstance(seed, int):
+        return [int(seed) + i for i in range(n)]
+    if len(seed) != n:
+        raise ValueError(f"{len(seed)} seeds for {n} prompts")
+    return [int(s) for s in seed]
+
+
 def _sample(
-    logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator
+    logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator]
 ) -> torch.Tensor:
-    """Next tokens (b,) from logits (b, V): greedy at temperature 0, else temperature + top-p."""
+    """Next tokens (b,) from logits (b, V): greedy at temperature 0, else temperature + top-p,
+    row ``j`` drawn with its own generator ``gens[j]``."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)  # (b, V)
@@ -434,7 +453,9 @@ def _sample(
         sp, si = probs.sort(dim=-1, descending=True)
         sp = sp * (sp.cumsum(-1) - sp < top_p)  # keep the smallest set with mass >= top_p
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
-    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+    probs = probs.cpu()
+    picks = [torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(gens)]
+    return torch.cat(picks).to(logits.device)
 
 
 def _max_positions(path: str) -> int:
@@ -555,13 +576,14 @@ class VLLMEngine:
         stop: list[str],
         temperature: float,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[GenOutput]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if not prompts:
             return []
+        seeds = None if seed is None else row_seeds(seed, len(prompts))
         params = [
             SamplingParams(
                 max_tokens=m,
@@ -571,7 +593,7 @@ class VLLMEngine:
                 include_stop_str_in_output=True,  # the completing token is kept whole anyway
                 logprobs=0,  # the sampled token's own log-prob
                 # one seed per request: copies of a prompt (a GRPO group) must differ
-                seed=None if seed is None else seed + i,
+                seed=None if seeds is None else seeds[i],
                 skip_special_tokens=False,
                 spaces_between_special_tokens=False,  # stop strings see HF's decode
             )

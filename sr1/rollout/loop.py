@@ -76,10 +76,11 @@ class TrajectoryState:
     """A trajectory under construction; ``append`` is the only way tokens get in (rollouts and
     SFT's gold trajectories alike)."""
 
-    def __init__(self, traj: Trajectory) -> None:
+    def __init__(self, traj: Trajectory, seed: int = 0) -> None:
         self.t = traj
         self.done = False
         self.forced = False
+        self.seed = int(seed)  # this trajectory's sampling seed (turn t uses seed + 100_003 t)
 
     def append(
         self, ids: Sequence[int], kind: str, logprobs: Sequence[float] | None = None
@@ -165,6 +166,7 @@ def run_rollouts(
     if not opts.special_tokens:
         opts = ScoreOptions(opts.nfkc, opts.answer_fallback, _special_tokens(tok))
     states: list[TrajectoryState] = []
+    base_seed = cfg.seed if seed is None else seed
     for gi, row in enumerate(rows):
         pids = _encode(tok, row["prompt"])
         prompt = row["prompt"]
@@ -182,16 +184,17 @@ def run_rollouts(
                         prompt=prompt,
                         prompt_ids=list(pids),
                         group=gi,
-                    )
+                        hops=_hops(row),
+                    ),
+                    seed=base_seed + len(states),
                 )
             )
     bs = max(1, cfg.batch_size) * max(1, n_samples)
     temperature = 0.0 if greedy else cfg.temperature
-    base_seed = cfg.seed if seed is None else seed
     with resolve(progress)("rollout", len(states)) as advance:
         for start in range(0, len(states), bs):
             chunk = states[start : start + bs]
-            _rollout_chunk(engine, environment, chunk, cfg, temperature, base_seed + start)
+            _rollout_chunk(engine, environment, chunk, cfg, temperature)
             for s in chunk:
                 finalize(s, tok, reward_fn, opts, default_task)
             advance(len(chunk))
@@ -199,6 +202,15 @@ def run_rollouts(
     if callable(clear):  # KV kept across turns is useless once the trajectories are done
         clear()
     return [s.t for s in states]
+
+
+def _hops(row: dict[str, Any]) -> int:
+    """A row's hop count from its ``metadata`` (the synthetic world's), 0 when unknown."""
+    meta = row.get("metadata")
+    try:
+        return int(meta.get("hops") or 0) if isinstance(meta, dict) else 0
+    except (TypeError, ValueError):
+        return 0
 
 
 def _special_tokens(tok: Any) -> tuple[str, ...]:
@@ -236,10 +248,14 @@ def _generate(
     cfg: RolloutConfig,
     stop: list[str],
     temperature: float,
-    seed: int,
+    turn: int,
 ) -> list[tuple[TrajectoryState, Any]]:
     """One generate call for the trajectories with room left; sampled tokens are appended
-    (mask 1) and the generation time is shared out. Returns (state, GenOutput) pairs."""
+    (mask 1) and the generation time is shared out. Returns (state, GenOutput) pairs.
+
+    Each trajectory samples with its own seed for this ``turn`` (its seed + 100_003 * turn),
+    so what it samples does not depend on which others share the call: the same
+    trajectories come out whatever the batch size or the number of data-parallel ranks."""
     budgets = []
     live = []
     for s in active:
@@ -258,7 +274,7 @@ def _generate(
         stop=stop,
         temperature=temperature,
         top_p=cfg.top_p,
-        seed=seed,
+        seed=[s.seed + 100_003 * turn for s in live],
     )
     dt = time.perf_counter() - t0
     if len(outs) != len(live):
@@ -282,7 +298,6 @@ def _rollout_chunk(
     chunk: list[TrajectoryState],
     cfg: RolloutConfig,
     temperature: float,
-    seed: int,
 ) -> None:
     tok = engine.tokenizer
     tool = env if env is not None and cfg.max_turns > 0 else None
@@ -295,8 +310,7 @@ def _rollout_chunk(
         if not active:
             break
         calls: list[tuple[TrajectoryState, Any]] = []
-        turn_seed = seed + 100_003 * turn  # engines add the row index to it
-        for s, o in _generate(engine, active, cfg, stops, temperature, turn_seed):
+        for s, o in _generate(engine, active, cfg, stops, temperature, turn):
             turn_text = tok.decode(o.token_ids, skip_special_tokens=False)
             action = tool.parse(turn_text) if tool is not None and o.stop_str == tool.stop else None
             if o.finish_reason == "eos":
@@ -320,7 +334,7 @@ def _rollout_chunk(
             assert tool is not None
             _execute(tok, tool, calls, cfg, engine.max_context)
     if to_force:
-        _force_answers(engine, to_force, cfg, temperature, seed + 100_003 * n_turns)
+        _force_answers(engine, to_force, cfg, temperature, n_turns)
     for s in chunk:
         if not s.done:  # cannot happen with a well-behaved engine; never leave one open
             s.finish("max_turns")
@@ -347,7 +361,7 @@ def _execute(
 
 
 def _force_answers(
-    engine: Any, states: list[TrajectoryState], cfg: RolloutConfig, temperature: float, seed: int
+    engine: Any, states: list[TrajectoryState], cfg: RolloutConfig, temperature: float, turn: int
 ) -> None:
     """Append the forced-answer suffix (mask 0) and let the model write the answer."""
     suffix = _encode(engine.tokenizer, cfg.force_answer_text)
@@ -356,7 +370,7 @@ def _force_answers(
         s.forced = True
         if _insert(s, suffix, FORCE, cfg, engine.max_context):
             go.append(s)
-    for s, o in _generate(engine, go, cfg, ANSWER_STOPS, temperature, seed):
+    for s, o in _generate(engine, go, cfg, ANSWER_STOPS, temperature, turn):
         out_of_room = o.finish_reason == "length" and _room(s, cfg, engine.max_context) <= 0
         s.finish(_out_of_room_reason(s, cfg) if out_of_room else "forced")
 

@@ -271,7 +271,7 @@ class RemoteEngine:
         stop: list[str],
         temperature: float,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[GenOutput]:
         if not prompts:
             return []
@@ -283,7 +283,7 @@ class RemoteEngine:
             "stop": list(stop),
             "temperature": float(temperature),
             "top_p": float(top_p),
-            "seed": seed,
+            "seed": seed if seed is None or isinstance(seed, int) else [int(s) for s in seed],
         }
         res = self._request("POST", "/generate", f"generate ({len(prompts)} prompts)", json=req)
         self.version = int(res["version"])

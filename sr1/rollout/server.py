@@ -6,7 +6,7 @@ Routes (JSON unless said otherwise; errors are 4xx/5xx with ``{"error": "..."}``
   "max_context", "vocab_size", "weights_updated", "host_key", "pid", "weight_transfer",
   "world_size"}``.
 - ``POST /generate`` ``{"prompts": [[int]], "max_new_tokens": int | [int], "stop": [str],
-  "temperature": float, "top_p": float, "seed": int | null}`` -> ``{"outputs": [{"token_ids",
+  "temperature": float, "top_p": float, "seed": int | [int] | null}`` -> ``{"outputs": [{"token_ids",
   "logprobs", "finish_reason", "stop_str"}], "version"}`` (one output per prompt, in order:
   :class:`~sr1.rollout.engines.GenOutput` as the engines return it in-process).
 - ``POST /weights``: ``{"paths": [FILE.safetensors, ...], "version": N, "delete": bool}``
@@ -129,7 +129,11 @@ def parse_generate(body: Any) -> dict[str, Any]:
     if temperature < 0 or not 0 < top_p <= 1:
         raise BadRequest("temperature must be >= 0 and top_p in (0, 1]")
     seed = body.get("seed")
-    if seed is not None:
+    if isinstance(seed, list):
+        if len(seed) != len(prompts):
+            raise BadRequest(f"{len(seed)} seeds for {len(prompts)} prompts")
+        seed = [_int(x, "seed", 0) for x in seed]
+    elif seed is not None:
         seed = _int(seed, "seed", 0)
     return dict(
         prompts=prompts,

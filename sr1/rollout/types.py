@@ -44,6 +44,7 @@ class Trajectory:
     # the policy version (RL steps whose update the engine had loaded) that sampled the
     # response: the engine's ``version`` when its turns were generated
     policy_version: int = 0
+    hops: int = 0  # the question's hop count where the data records it (0: unknown)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

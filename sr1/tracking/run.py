@@ -279,6 +279,70 @@ class RunContext:
         return self.mlflow.run_id if self.mlflow else None
 
 
+class FollowerRun:
+    """A data-parallel rank's view (rank > 0) of the run rank 0 tracks: its id and folder.
+
+    Logging calls do nothing: rank 0 alone writes DuckDB, MLflow and artifacts, with metrics
+    already reduced over the ranks."""
+
+    mlflow = None
+    mlflow_run_id = None
+
+    def __init__(self, run_id: str, kind: str | None = None) -> None:
+        self.run_id, self.kind = run_id, kind
+        self.dir = paths.run_dir(run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def heartbeat(self) -> None:
+        pass
+
+    def commit_metrics(self, upto: int | None = None) -> int:
+        return 0
+
+    def rewind(self, step: int) -> dict[str, int]:
+        return {}
+
+    def log_artifact(self, path: str | Path, kind: str | None = None) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def start_run_on_rank0(acc: Any, **kwargs: Any) -> Iterator[RunContext | FollowerRun]:
+    """:func:`start_run` on the main process of ``acc`` (an Accelerate ``Accelerator``); the
+    other ranks get a :class:`FollowerRun` of the same run id. When rank 0 cannot open the run
+    (e.g. a resume that is refused), every rank raises its error instead of waiting."""
+    if acc.num_processes == 1:
+        with start_run(**kwargs) as run:
+            yield run
+        return
+    from accelerate.utils import broadcast_object_list
+
+    def share(obj: Any) -> Any:
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    if not acc.is_main_process:
+        got = share(None)
+        if isinstance(got, dict):  # rank 0's error
+            raise Sr1Error(got["error"])
+        yield FollowerRun(str(got), kwargs.get("kind"))
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            run = stack.enter_context(start_run(**kwargs))
+        except Exception as e:
+            share({"error": f"rank 0 could not open the run: {e}"})
+            raise
+        share(run.run_id)
+        yield run
+
+
 @contextlib.contextmanager
 def start_run(
     kind: str,

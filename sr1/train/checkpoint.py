@@ -203,27 +203,68 @@ def save_checkpoint(
     tokenizer: Any,
     state: dict[str, Any],
     critic: Any | None = None,
+    *,
+    tmp: Path | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    critic_state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint folder at ``out`` atomically (replacing an older one of that name)."""
+    """Write a checkpoint folder at ``out`` atomically (replacing an older one of that name).
+
+    ``tmp``: a side folder from :func:`begin_checkpoint` that other ranks have already
+    written their parts into (FSDP optimiser shards); without it one is made here.
+    ``state_dict`` / ``critic_state_dict``: the full (gathered) weights to write, when the
+    modules hold shards (FSDP)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = side_path(out, "tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = begin_checkpoint(out) if tmp is None else Path(tmp)
     try:
         if _is_peft(model):
             model.save_pretrained(tmp / "adapter")
-        merged_copy(model).save_pretrained(tmp)
+        if state_dict is not None:  # gathered weights: written through an unsharded skeleton
+            sd = untie(state_dict, model.config)
+            skeleton(model, causal_lm=True).save_pretrained(tmp, state_dict=sd)
+        else:
+            merged_copy(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if critic is not None:
             (tmp / "critic").mkdir()
-            critic.save(tmp / "critic")
+            critic.save(tmp / "critic", state_dict=critic_state_dict)
         torch.save(state, tmp / STATE_FILE)  # last: a folder with a state is complete
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def skeleton(model: torch.nn.Module, causal_lm: bool) -> torch.nn.Module:
+    """A weightless (meta-device) plain transformers model of ``model``'s config, to write a
+    gathered state dict with ``save_pretrained``: the FSDP module itself holds shards, and
+    ``save_pretrained`` inspects the module's own parameters (a collective when they are
+    DTensors, so rank 0 alone would hang there)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    with torch.device("meta"):
+        return auto.from_config(model.config)
+
+
+def untie(state_dict: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """``state_dict`` without the output embedding when the config ties it to the input one
+    (what ``save_pretrained`` drops for a live model; a gathered state dict holds both)."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return state_dict
+    heads = [k for k in state_dict if k == "lm_head.weight" or k.endswith(".lm_head.weight")]
+    return {k: v for k, v in state_dict.items() if k not in heads}
+
+
+def begin_checkpoint(out: Path) -> Path:
+    """The empty side folder a checkpoint for ``out`` is written into (then renamed)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = side_path(out, "tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -43,13 +43,34 @@ class Critic(nn.Module):
         critic = cls(backbone, backbone.config.hidden_size, seed)
         head = Path(path) / "v_head.pt"
         if head.is_file():
-            state = torch.load(head, map_location=device, weights_only=True)  # tensors only
+            state = torch.load(head, map_location="cpu", weights_only=True)  # tensors only
             critic.v_head.load_state_dict(state)
         return critic
 
-    def save(self, out: Path) -> None:
-        self.backbone.save_pretrained(out)
-        torch.save(self.v_head.state_dict(), out / "v_head.pt")
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The backbone's decoder layer classes (what FSDP wraps one by one)."""
+        return list(getattr(self.backbone, "_no_split_modules", None) or [])
+
+    def save(self, out: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """The backbone as an HF model folder plus ``v_head.pt``; ``state_dict`` (this module's
+        full keys, e.g. gathered from FSDP shards) replaces the live weights."""
+        if state_dict is None:
+            self.backbone.save_pretrained(out)
+            torch.save(self.v_head.state_dict(), out / "v_head.pt")
+            return
+        sub = {
+            k.removeprefix("backbone."): v
+            for k, v in state_dict.items()
+            if k.startswith("backbone.")
+        }
+        head = {
+            k.removeprefix("v_head."): v for k, v in state_dict.items() if k.startswith("v_head.")
+        }
+        from sr1.train.checkpoint import skeleton
+
+        skeleton(self.backbone, causal_lm=False).save_pretrained(out, state_dict=sub)
+        torch.save(head, out / "v_head.pt")
 
     def gradient_checkpointing_enable(self) -> None:
         self.backbone.gradient_checkpointing_enable()

@@ -94,17 +94,22 @@ class StepRollouts:
 
     def _rollout(self, step: int, picked: list[dict[str, Any]]) -> list[Trajectory]:
         from sr1.rollout.loop import run_rollouts
+        from sr1.train.dist import rank_block
 
         cfg = self.cfg
+        n = cfg.rollout.n_samples
+        # this rank's contiguous block of the step's prompts; trajectory j of the step (on any
+        # number of ranks) samples with seed base + j, so ranks change nothing that is sampled
+        block = rank_block(len(picked), self.rank, self.world)
         return run_rollouts(
             self.engine,
             self.env,
-            picked[self.rank :: self.world],
+            picked[block],
             cfg.rollout,
-            n_samples=cfg.rollout.n_samples,
+            n_samples=n,
             reward_fn=self.reward_fn,
             progress=False,
-            seed=cfg.rollout.seed + 7919 * step + self.rank,
+            seed=cfg.rollout.seed + 7919 * step + block.start * n,
             scoring=cfg.scoring.options(),
             default_task=cfg.scoring.default_task,
         )

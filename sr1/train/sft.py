@@ -183,8 +183,9 @@ def sft(
     trajs = [gold_trajectory(r, tok, retriever, cfg) for r in picked]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = collate(trajs, pad)  # the same mask RL uses
+    # trained weights: fp32 on CPU under model.dtype=auto (bf16 compute: trainer.mixed_precision)
     policy = AutoModelForCausalLM.from_pretrained(
-        base, dtype=models.pick_dtype(cfg.model.dtype, dev)
+        base, dtype=models.pick_dtype(cfg.model.dtype, dev, training=True)
     ).to(dev)
     if t.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
@@ -225,6 +226,7 @@ def sft(
                 "n_examples": len(trajs),
                 "searches_per_example": sum(x.num_searches for x in trajs) / max(1, len(trajs)),
                 "masked_share": float(1 - batch.response_mask.sum() / batch.response_valid.sum()),
+                "dtype": models.dtype_report(cfg.model.dtype, dev, training=True),
             }
         )
         step = 0

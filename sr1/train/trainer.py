@@ -19,8 +19,14 @@ Deliberate departures from Search-R1/verl:
 - Group algorithms (grpo, rloo) refuse ``rollout.n_samples`` < 2 (their advantages would
   all be 0) instead of silently changing it.
 - ``trainer.warmup_steps`` counts optimiser updates, not RL steps.
-- Under data parallelism each rank rolls out its own share of the step's prompts (groups
-  never straddle ranks); gradients are averaged by Accelerate's DDP.
+
+Data parallelism (``accelerate launch``, DDP or FSDP2; :mod:`sr1.train.dist`): each rank rolls
+out a contiguous block of the step's prompts (groups never straddle ranks; every trajectory
+keeps the sampling seed of its place in the step); loss normalisers and batch statistics
+(advantage whitening) are global; the logged metrics are the whole batch's. Rank 0 alone
+creates and finishes the run, writes DuckDB, MLflow and the checkpoint folder (FSDP: every
+rank writes its optimiser shard into it). One update on N ranks equals the update one process
+makes on the whole batch.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from sr1.train.batch import (
     value_forward,
 )
 from sr1.train.checkpoint import (
+    begin_checkpoint,
     clean_stale,
     latest_checkpoint,
     link_copy,
@@ -67,6 +74,18 @@ from sr1.train.checkpoint import (
     set_rng_state,
 )
 from sr1.train.critic import Critic
+from sr1.train.dist import (
+    any_rank,
+    broadcast_object,
+    check_fsdp,
+    check_split,
+    gather_objects,
+    global_denominator,
+    is_fsdp,
+    make_accelerator,
+    reduce_timings,
+    sum_reducer,
+)
 from sr1.train.rollouts import StepRollouts, check_async, policy_lag, stale
 
 
@@ -119,14 +138,6 @@ class DataOrder:
 
 
 # -- the update machinery ------------------------------------------------------------------------
-def make_accelerator(cfg: ExperimentConfig) -> Any:
-    """The Accelerate ``Accelerator`` for ``cfg`` (CPU when ``model.device`` resolves to it;
-    mixed precision is ``accelerate launch``'s, see :func:`sr1.models.autocast`)."""
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=models.pick_device(cfg.model.device) == "cpu")
-
-
 def _chunks(idx: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
     for i in range(0, len(idx), size):
         yield idx[i : i + size]
@@ -174,9 +185,16 @@ class RLTrainer:
         if accelerator is None:
             accelerator = make_accelerator(cfg)
         self.acc = accelerator
+        self.world = int(accelerator.num_processes)
+        check_split(cfg, self.world)  # before any model is loaded, identically on every rank
+        check_fsdp(cfg, accelerator)
+        self.fsdp = is_fsdp(accelerator)
         self.base = model_path or models.resolve(cfg.model.name)
         dev = str(accelerator.device)
-        dtype = models.pick_dtype(cfg.model.dtype, dev)
+        # the weights the optimiser updates: fp32 on CPU under auto (bf16 compute comes from
+        # trainer.mixed_precision's autocast); bf16 on GPUs that have it
+        dtype = models.pick_dtype(cfg.model.dtype, dev, training=True)
+        self.dtype = dtype
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = models.load_tokenizer(self.base, cfg.model.revision)
         pad = self.tokenizer.pad_token_id
@@ -208,8 +226,16 @@ class RLTrainer:
         policy.train()
         self.ref: torch.nn.Module | None = None
         if cfg.algorithm.kl_coef > 0 and not lora:
-            self.ref = AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype).to(dev).eval()
-            self.ref.requires_grad_(False)
+            ref = AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype).to(dev).eval()
+            ref.requires_grad_(False)
+            # FSDP: sharded like the policy, by the plugin's own fully_shard wrapping
+            # (Accelerate's prepare() wants an optimizer with every FSDP2 model; this one has
+            # none). DDP keeps a plain replica: nothing to sync.
+            if self.fsdp:
+                from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+                ref = fsdp2_prepare_model(accelerator, ref)
+            self.ref = ref
 
         warm = max(0, self.tcfg.warmup_steps)
 
@@ -217,7 +243,9 @@ class RLTrainer:
             return min(1.0, (u + 1) / warm) if warm else 1.0
 
         params = [p for p in policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
+        opt = torch.optim.AdamW(
+            params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay, eps=self.tcfg.adam_eps
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, sched)
         self.policy, self.optimizer = accelerator.prepare(policy, opt)
         self.critic: Any = None
@@ -230,7 +258,10 @@ class RLTrainer:
                 critic.backbone.gradient_checkpointing_enable(**gc_kwargs)
             critic.train()
             copt = torch.optim.AdamW(
-                critic.parameters(), lr=self.tcfg.critic_lr, weight_decay=self.tcfg.weight_decay
+                critic.parameters(),
+                lr=self.tcfg.critic_lr,
+                weight_decay=self.tcfg.weight_decay,
+                eps=self.tcfg.adam_eps,
             )
             self.critic_sched = torch.optim.lr_scheduler.LambdaLR(copt, sched)
             self.critic, self.critic_optimizer = accelerator.prepare(critic, copt)
@@ -262,9 +293,14 @@ class RLTrainer:
         """The forward passes' autocast context (``trainer.mixed_precision``)."""
         return models.autocast(self.tcfg.mixed_precision, str(self.acc.device))
 
+    @property
+    def rank_mini_batch(self) -> int:
+        """Trajectories per optimiser update on this rank (``mini_batch_size`` is global)."""
+        return max(1, self.tcfg.mini_batch_size // self.world)
+
     def _single_update(self, n: int) -> bool:
-        """Whether a batch of ``n`` trajectories gets exactly one optimiser update."""
-        return self.tcfg.ppo_epochs == 1 and self.tcfg.mini_batch_size >= n
+        """Whether this rank's batch of ``n`` trajectories gets exactly one optimiser update."""
+        return self.tcfg.ppo_epochs == 1 and self.rank_mini_batch >= n
 
     def prepare_batch(self, trajs: Sequence[Trajectory]) -> TrainBatch:
         """Padded batch with old/ref log-probs, values, returns and advantages filled, all
@@ -289,7 +325,7 @@ class RLTrainer:
             if self.critic is not None:
                 batch.values = batched_values(self.acc.unwrap_model(self.critic), batch, mbs)
         token_rewards = core.place_outcome_reward(batch.scores, mask)  # (B, R)
-        m: dict[str, float] = policy_lag(trajs, self.global_step)
+        m: dict[str, float] = {}
         if batch.ref_logprobs is not None and batch.old_logprobs is not None:
             kl = core.kl_penalty(
                 batch.old_logprobs, batch.ref_logprobs, mask, self.acfg.kl_estimator
@@ -298,7 +334,13 @@ class RLTrainer:
             if self.acfg.kl_in_reward:
                 token_rewards = token_rewards - self.acfg.kl_coef * kl
         batch.advantages, batch.returns = core.compute_advantages(
-            self.adv_name, token_rewards, mask, self.acfg, index=batch.index, values=batch.values
+            self.adv_name,
+            token_rewards,
+            mask,
+            self.acfg,
+            index=batch.index,
+            values=batch.values,
+            reduce=sum_reducer(self.acc),  # whitening over every rank's batch
         )
         m["actor/adv_abs_mean"] = float(core.masked_mean(batch.advantages.abs(), mask))
         if batch.old_logprobs is not None:
@@ -306,7 +348,9 @@ class RLTrainer:
             m["actor/engine_logprob_diff"] = float(
                 core.masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask)
             )
-        self.prep_metrics = m
+        # token means over the whole batch (every rank's)
+        parts = gather_objects(self.acc, (m, float(mask.sum())))
+        self.prep_metrics = core.combine_metrics(parts)
         return batch
 
     def _micro_loss(self, mb: TrainBatch, denom: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -349,25 +393,31 @@ class RLTrainer:
 
     def update(self, batch: TrainBatch, step: int) -> dict[str, float]:
         """``ppo_epochs`` passes of shuffled mini-batches; one optimiser update each, gradients
-        accumulated over micro-batches (losses use the mini-batch normaliser, so they sum)."""
+        accumulated over micro-batches. Losses use the mini-batch normaliser summed over the
+        ranks, and each rank's loss is scaled by the world size (DDP and FSDP average the
+        gradients over ranks), so the micro-batch losses of all ranks sum to the loss of the
+        global mini-batch. Metrics are those of the global mini-batch
+        (:func:`sr1.algos.core.combine_metrics`)."""
         t = self.tcfg
         dev = self.acc.device
         g = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
         out: list[dict[str, float]] = []
         for _ in range(t.ppo_epochs):
             perm = torch.randperm(len(batch), generator=g)
-            for idx in _chunks(perm, t.mini_batch_size):
-                denom = core.agg_denominator(batch.response_mask[idx], self.acfg.loss_agg)
+            for idx in _chunks(perm, self.rank_mini_batch):
+                local = core.agg_denominator(batch.response_mask[idx], self.acfg.loss_agg)
+                denom = global_denominator(self.acc, local)
                 micro = list(_chunks(idx, t.micro_batch_size))
-                ms: list[dict[str, float]] = []
+                ms: list[tuple[dict[str, float], float]] = []
                 for i, rows in enumerate(micro):
-                    last = i == len(micro) - 1 or self.acc.num_processes == 1
+                    last = i == len(micro) - 1 or self.world == 1
                     ctx = contextlib.nullcontext() if last else self.acc.no_sync(self.policy)
+                    mb = batch.select(rows).to(dev)
                     with ctx:
-                        loss, m = self._micro_loss(batch.select(rows).to(dev), denom)
-                        self.acc.backward(loss)
-                    ms.append(m)
-                m = core.metric_means(ms)
+                        loss, m = self._micro_loss(mb, denom)
+                        self.acc.backward(loss * self.world if self.world > 1 else loss)
+                    ms.append((m, float(mb.response_mask.sum())))
+                m = core.combine_metrics([x for part in gather_objects(self.acc, ms) for x in part])
                 params = [p for p in self.policy.parameters() if p.requires_grad]
                 m["actor/grad_norm"] = float(self.acc.clip_grad_norm_(params, t.grad_clip))
                 m["actor/lr"] = self.sched.get_last_lr()[0]
@@ -388,7 +438,10 @@ class RLTrainer:
         """One RL step's learning on scored trajectories; returns rollout + update metrics."""
         step = self.global_step + 1
         batch = self.prepare_batch(trajs)
-        metrics = rollout_metrics(trajs, self.cfg.rollout.max_turns)
+        # the whole step's trajectories (every rank's), as small summaries
+        every = [x for part in gather_objects(self.acc, summarize(trajs)) for x in part]
+        metrics = rollout_metrics(every, self.cfg.rollout.max_turns)
+        metrics.update(policy_lag(every, self.global_step))
         metrics.update(self.prep_metrics)
         metrics.update(self.update(batch, step))
         self.global_step = step
@@ -440,7 +493,7 @@ class RLTrainer:
                 self.cfg,
                 self.engine_model() if inprocess else self.model,
                 self.tokenizer,
-                device=str(acc.device),
+                device="cpu" if acc.device.type == "cpu" else str(acc.device),
                 dtype=self.cfg.model.dtype,
                 weights=None if inprocess else (lambda: self.engine_weights(full=True)),
                 version=start,
@@ -468,62 +521,195 @@ class RLTrainer:
             yield ro
 
     # -- state ---------------------------------------------------------------------------------
+    def _optimizers(self) -> list[tuple[str, Any, Any]]:
+        """(folder, module, optimizer) of each optimiser: the policy's, and the critic's."""
+        out = [("optim", self.policy, self.optimizer)]
+        if self.critic is not None:
+            out.append(("critic_optim", self.critic, self.critic_optimizer))
+        return out
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights that a resume needs. Under FSDP the optimiser states are
+        sharded: they go to the checkpoint's ``optim/`` (and ``critic_optim/``) folders, one
+        file per rank (:meth:`save`), not into this dict."""
         s: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.sched.state_dict(),
             "updates": self.updates,
             "step": self.global_step,
             "rng": rng_state(),
+            "world_size": self.world,
+            "sharded_optimizer": self.fsdp,
         }
+        if not self.fsdp:
+            s["optimizer"] = self.optimizer.state_dict()
         if self.critic is not None:
-            s["critic_optimizer"] = self.critic_optimizer.state_dict()
+            if not self.fsdp:
+                s["critic_optimizer"] = self.critic_optimizer.state_dict()
             s["critic_scheduler"] = self.critic_sched.state_dict()
         return s
 
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(s["optimizer"])
+    def load_state_dict(self, s: dict[str, Any], ckpt: Path | None = None) -> None:
+        """Restore :meth:`state_dict` (``ckpt``: the checkpoint folder, for FSDP's optimiser
+        shards); each rank gets back its own RNG state."""
+        saved_world = int(s.get("world_size", 1))
+        if bool(s.get("sharded_optimizer")) != self.fsdp or (
+            self.fsdp and saved_world != self.world
+        ):
+            how = f"FSDP on {saved_world} ranks" if s.get("sharded_optimizer") else "without FSDP"
+            raise ConfigError(
+                f"this checkpoint's optimiser state was saved {how}; this run has "
+                f"{self.world} rank(s){' under FSDP' if self.fsdp else ''}",
+                hint="resume with the same accelerate launch config (same distributed type "
+                "and number of processes); the weights alone load anywhere (its HF folder)",
+            )
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (
+                get_optimizer_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            assert ckpt is not None
+            for folder, module, opt in self._optimizers():
+                box = {"optimizer": get_optimizer_state_dict(module, opt.optimizer)}
+                dcp.load(box, checkpoint_id=str(Path(ckpt) / folder))
+                set_optimizer_state_dict(module, opt.optimizer, box["optimizer"])
+        else:
+            self.optimizer.load_state_dict(s["optimizer"])
+            if self.critic is not None:
+                self.critic_optimizer.load_state_dict(s["critic_optimizer"])
         self.sched.load_state_dict(s["scheduler"])
         self.updates = s["updates"]
         self.global_step = s["step"]
         if self.critic is not None:
-            self.critic_optimizer.load_state_dict(s["critic_optimizer"])
             self.critic_sched.load_state_dict(s["critic_scheduler"])
-        set_rng_state(s["rng"])
+        ranks = s.get("rng_ranks")
+        rank = self.acc.process_index
+        set_rng_state(ranks[rank] if ranks and len(ranks) == self.world else s["rng"])
 
     def save(self, out: Path, extra: dict[str, Any]) -> Path:
+        """Write checkpoint ``out``; every rank calls it. Rank 0 writes the HF weights (gathered
+        from the shards under FSDP), the tokenizer, the critic and ``trainer_state.pt`` (with
+        every rank's RNG state); under FSDP each rank also writes its optimiser shard
+        (``torch.distributed.checkpoint``) into the same folder before it is renamed into
+        place. Multi-node runs need ``SR1_HOME`` on a shared filesystem for this."""
+        acc = self.acc
+        state = {**self.state_dict(), **extra}
+        if self.world > 1:
+            state["rng_ranks"] = gather_objects(acc, rng_state())
+        full = _gathered_state_dict(self.policy) if self.fsdp else None  # collectives
         critic = self.acc.unwrap_model(self.critic) if self.critic is not None else None
-        return save_checkpoint(
-            out, self.model, self.tokenizer, {**self.state_dict(), **extra}, critic
-        )
+        cfull = _gathered_state_dict(self.critic) if (self.fsdp and critic is not None) else None
+        tmp: Path | None = None
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            tmp = Path(
+                broadcast_object(acc, str(begin_checkpoint(out)) if acc.is_main_process else None)
+            )
+            for folder, module, opt in self._optimizers():
+                box = {"optimizer": get_optimizer_state_dict(module, opt.optimizer)}
+                dcp.save(box, checkpoint_id=str(tmp / folder))
+            acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(
+                out,
+                self.model,
+                self.tokenizer,
+                state,
+                critic,
+                tmp=tmp,
+                state_dict=full,
+                critic_state_dict=cfull,
+            )
+        return out
+
+
+def _gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights of an FSDP-sharded ``module``, on CPU, on rank 0 (empty elsewhere); a
+    collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=opts)
 
 
 # -- metrics from trajectories -------------------------------------------------------------------
-def rollout_metrics(trajs: Sequence[Trajectory], max_turns: int) -> dict[str, float]:
-    """Reward, EM, format, search and length statistics of one step's trajectories."""
-    n = max(1, len(trajs))
-    mean = lambda xs: sum(xs) / n  # noqa: E731
-    gen_tokens = [sum(t.loss_mask) for t in trajs]
-    resp = [len(t.response_ids) for t in trajs]
+@dataclass(frozen=True)
+class TrajSummary:
+    """What the step metrics need of one trajectory (small: gathered from every rank)."""
+
+    reward: float
+    em: float
+    f1: float
+    well_formed: float
+    answered: bool
+    num_searches: int
+    gen_tokens: int
+    response_len: int
+    prompt_len: int
+    gen_time_s: float
+    retrieval_time_s: float
+    policy_version: int
+    hops: int  # 0: unknown
+
+
+def summarize(trajs: Sequence[Trajectory]) -> list[TrajSummary]:
+    """:class:`TrajSummary` of each trajectory."""
+    return [
+        TrajSummary(
+            reward=float(t.reward),
+            em=float(t.metrics.get("em", 0.0)),
+            f1=float(t.metrics.get("f1", 0.0)),
+            well_formed=float(t.metrics.get("well_formed", 0.0)),
+            answered=t.answer is not None,
+            num_searches=int(t.num_searches),
+            gen_tokens=int(sum(t.loss_mask)),
+            response_len=len(t.response_ids),
+            prompt_len=len(t.prompt_ids),
+            gen_time_s=float(t.gen_time_s),
+            retrieval_time_s=float(t.retrieval_time_s),
+            policy_version=int(t.policy_version),
+            hops=int(t.hops),
+        )
+        for t in trajs
+    ]
+
+
+def rollout_metrics(
+    trajs: Sequence[Trajectory] | Sequence[TrajSummary], max_turns: int
+) -> dict[str, float]:
+    """Reward, EM, format, search and length statistics of one step's trajectories (or their
+    summaries). ``search/mean_{1,2}hop``: searches per question by the question's hop count,
+    where the data records it (the synthetic world does)."""
+    xs = [x if isinstance(x, TrajSummary) else summarize([x])[0] for x in trajs]
+    n = max(1, len(xs))
+    mean = lambda vs: sum(vs) / n  # noqa: E731
+    resp = [x.response_len for x in xs]
+    gen = [x.gen_tokens for x in xs]
     m = {
-        "reward/mean": mean([t.reward for t in trajs]),
-        "reward/em": mean([float(t.metrics.get("em", 0.0)) for t in trajs]),
-        "reward/f1": mean([float(t.metrics.get("f1", 0.0)) for t in trajs]),
-        "reward/format_valid": mean([float(t.metrics.get("well_formed", 0.0)) for t in trajs]),
-        "reward/answered": mean([float(t.answer is not None) for t in trajs]),
-        "search/mean": mean([t.num_searches for t in trajs]),
-        "length/gen_tokens_mean": mean(gen_tokens),
+        "reward/mean": mean([x.reward for x in xs]),
+        "reward/em": mean([x.em for x in xs]),
+        "reward/f1": mean([x.f1 for x in xs]),
+        "reward/format_valid": mean([x.well_formed for x in xs]),
+        "reward/answered": mean([float(x.answered) for x in xs]),
+        "search/mean": mean([x.num_searches for x in xs]),
+        "length/gen_tokens_mean": mean(gen),
         "length/response_mean": mean(resp),
-        "length/total_mean": mean(
-            [len(t.prompt_ids) + r for t, r in zip(trajs, resp, strict=True)]
-        ),
-        "length/masked_share": (sum(resp) - sum(gen_tokens)) / max(1, sum(resp)),
-        "time/gen_s": sum(t.gen_time_s for t in trajs),
-        "time/retrieval_s": sum(t.retrieval_time_s for t in trajs),
+        "length/total_mean": mean([x.prompt_len + x.response_len for x in xs]),
+        "length/masked_share": (sum(resp) - sum(gen)) / max(1, sum(resp)),
+        "time/gen_s": sum(x.gen_time_s for x in xs),
+        "time/retrieval_s": sum(x.retrieval_time_s for x in xs),
     }
     for k in range(max_turns + 1):  # histogram buckets: share of trajectories with k searches
-        m[f"search/frac_{k}"] = mean([float(t.num_searches == k) for t in trajs])
-    m["perf/gen_tokens_per_s"] = sum(gen_tokens) / max(m["time/gen_s"], 1e-9)
+        m[f"search/frac_{k}"] = mean([float(x.num_searches == k) for x in xs])
+    for h in (1, 2):
+        at = [x for x in xs if x.hops == h]
+        if at:
+            m[f"search/mean_{h}hop"] = sum(x.num_searches for x in at) / len(at)
+            m[f"reward/em_{h}hop"] = sum(x.em for x in at) / len(at)
+    m["perf/gen_tokens_per_s"] = sum(gen) / max(m["time/gen_s"], 1e-9)
     return m
 
 
@@ -558,14 +744,6 @@ def _link_copy(src: Path, dst: Path) -> None:
     link_copy(src, dst)
 
 
-def _any_rank(acc: Any, flag: bool) -> bool:
-    """Whether ``flag`` is set on any rank (all ranks must agree to stop, or DDP hangs)."""
-    if acc.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
-    return bool(acc.reduce(t, reduction="sum").item() > 0)
-
-
 def train(
     cfg: ExperimentConfig,
     algo: str,
@@ -592,7 +770,7 @@ def train(
     """
     from sr1.envs import make_env
     from sr1.retrieval import open_retriever
-    from sr1.tracking.run import RunInterrupted, StopSignals, start_run
+    from sr1.tracking.run import RunInterrupted, StopSignals, start_run_on_rank0
 
     init_ckpt = None
     if resume is not None:
@@ -629,7 +807,7 @@ def train(
     start = 0
     if init_ckpt is not None:
         st = load_state(init_ckpt)
-        trainer.load_state_dict(st)
+        trainer.load_state_dict(st, init_ckpt)
         order.load(st["data"])
         start = int(st["step"])
     if retriever is None and cfg.rollout.env == "search":
@@ -644,7 +822,9 @@ def train(
     interrupted = False
     # MLflow gets a step's metrics once a checkpoint covers it (commit_metrics after each
     # save), so a step redone after a kill and resume is in MLflow once (see sr1.tracking.run).
-    with start_run(
+    # rank 0 alone opens, logs and closes the run (the others hold its id and folder)
+    with start_run_on_rank0(
+        accelerator,
         kind="train",
         name=f"{cfg.algorithm.name}-{cfg.model.name}",
         config=to_dict(cfg),
@@ -652,7 +832,6 @@ def train(
         resume=resume,
         experiment=cfg.tracking.experiment,
         mlflow_uri=cfg.tracking.mlflow_uri,
-        use_mlflow=accelerator.is_main_process,
         defer_mlflow_metrics=True,
     ) as run:
         ckpt_dir = run.dir / "checkpoints"
@@ -669,7 +848,14 @@ def train(
                     "group_size": n,
                     "base_model": base,
                     "world_size": world,
+                    "distributed": "fsdp" if trainer.fsdp else ("ddp" if world > 1 else "none"),
+                    "per_rank_prompts": cfg.trainer.prompts_per_step // world,
+                    "per_rank_batch": cfg.trainer.prompts_per_step // world * n,
+                    "per_rank_mini_batch": trainer.rank_mini_batch,
                     "n_train_rows": len(rows),
+                    "dtype": str(trainer.dtype).removeprefix("torch."),
+                    "mixed_precision": cfg.trainer.mixed_precision,
+                    "cpu_bf16_native": models.cpu_bf16_native(),
                 }
             )
         keep = cfg.trainer.keep_checkpoints
@@ -686,7 +872,7 @@ def train(
             bars = resolve_progress(progress) if accelerator.is_main_process else silent
             with bars("train", total, start) as advance:
                 for step in range(start + 1, total + 1):
-                    if _any_rank(accelerator, stop.set):
+                    if any_rank(accelerator, stop.set):
                         break
                     t0 = time.perf_counter()
                     # this step's batch: rolled out now, or (trainer.async_steps) ahead of time
@@ -698,19 +884,18 @@ def train(
                     t2 = time.perf_counter()
                     trained = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
                     epochs = cfg.trainer.ppo_epochs
-                    m.update(
-                        {
-                            "time/rollout_s": t1 - t0,
-                            "time/update_s": tu - t1,
-                            "time/weight_sync_s": t2 - tu,
-                            "time/train_s": t2 - t1,
-                            "time/step_s": t2 - t0,
-                            "perf/train_tokens_per_s": trained * epochs / max(t2 - t1, 1e-9),
-                            "perf/update_tokens_per_s": trained * epochs / max(tu - t1, 1e-9),
-                        }
-                    )
+                    timing = {
+                        "time/rollout_s": t1 - t0,
+                        "time/update_s": tu - t1,
+                        "time/weight_sync_s": t2 - tu,
+                        "time/train_s": t2 - t1,
+                        "time/step_s": t2 - t0,
+                        "perf/train_tokens_per_s": trained * epochs / max(t2 - t1, 1e-9),
+                        "perf/update_tokens_per_s": trained * epochs / max(tu - t1, 1e-9),
+                    }
+                    m.update(reduce_timings(accelerator, timing))  # slowest rank; sums
                     steps.append({"step": step, **m})
-                    stopping = _any_rank(accelerator, stop.set)
+                    stopping = any_rank(accelerator, stop.set)
                     if step % cfg.tracking.log_every == 0 or step == total:
                         run.log_metrics(step, m)  # also the run's heartbeat
                     else:
@@ -721,7 +906,7 @@ def train(
                     if stopping:
                         break
             done = steps[-1]["step"] if steps else start
-            interrupted = _any_rank(accelerator, stop.set) and done < total
+            interrupted = any_rank(accelerator, stop.set) and done < total
             if interrupted and done > last_saved:  # stopped between a step and its save
                 last_ckpt, last_saved = save(done), done
         final = None
@@ -755,9 +940,9 @@ def train(
 
 
 def _save(trainer: RLTrainer, acc: Any, out: Path, step: int, order: DataOrder) -> Path:
+    """Every rank takes part (FSDP gathers and per-rank optimiser shards); rank 0 writes."""
     acc.wait_for_everyone()
-    if acc.is_main_process:
-        trainer.save(out, {"step": step, "data": order.state()})
+    trainer.save(out, {"step": step, "data": order.state()})
     acc.wait_for_everyone()
     return out
 

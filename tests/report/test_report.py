@@ -41,7 +41,8 @@ def _rows(which: str) -> list[dict]:
                 "golden_answers": [f"gold {i}", "alias"],
                 "prediction": f"gold {i}" if em else "wrong",
                 "em": float(em),
-                "cover_em": float(em),
+                # the gold inside a longer answer: cover-EM 1, EM 0 (n3 and h1)
+                "cover_em": float(em or i in ("n3", "h1")),
                 "f1": 0.5 if not em else 1.0,
                 "answer_in_docs": ida if which == "a" else 1.0,
                 "well_formed": 1.0,
@@ -108,10 +109,14 @@ def test_table_values_deltas_and_search_tables_exact(store_with_runs: dict[str, 
     assert sd[("eval-a", "nq")]["answer_in_docs"] == 0.75
     assert sd[("eval-b", "hotpotqa")]["searches_mean"] == 2.5
     assert sd[("eval-a", "hotpotqa")]["hops"] == "multi"
+    assert sd[("eval-a", "nq")]["em"] == 0.5 and sd[("eval-a", "nq")]["cover_em"] == 0.75
+    assert sd[("eval-b", "nq")]["cover_em"] == 1.0
     hops = {(h["run_id"], h["group"]): h for h in rep["search_by_hops"]}
     assert hops[("eval-b", "single")]["em"] == 0.75 and hops[("eval-b", "single")]["n"] == 4
     assert hops[("eval-b", "multi")]["searches_mean"] == 2.5
     assert hops[("eval-a", "multi")]["answer_in_docs"] == 0.5
+    assert hops[("eval-a", "multi")]["em"] == 0.5 and hops[("eval-a", "multi")]["cover_em"] == 1.0
+    assert hops[("eval-a", "single")]["cover_em"] == 0.75
     assert rep["warnings"] == []
     assert rep["train_runs"] == [store_with_runs["train"]]
 

@@ -1,0 +1,121 @@
+"""What one process does in the data-parallel tests (test_distributed.py): run plainly (one
+process) or under ``accelerate launch --config_file experiments/accelerate/cpu-{ddp,fsdp}-2.yaml``.
+
+    dist_worker.py OUT MODEL JOB [JOB ...]
+
+Jobs, in order:
+- ``update``: one RL update (GRPO, then PPO) on the same 8 hand-built trajectories, split
+  over the ranks in contiguous blocks; writes ``OUT/update-W.pt`` (gathered parameters, the
+  critic's for PPO, the step's metrics, and whether the ranks held identical weights).
+- ``train:NAME:STEPS[:RESUME_NAME]``: ``sr1.train.trainer.train`` (PPO, real HF rollouts on
+  tiny-qwen2 against the tiny BM25 index the test built in ``$SR1_HOME``) for STEPS steps,
+  or resuming the run recorded as RESUME_NAME; rank 0 writes ``OUT/NAME.json``.
+Extra ``key=value`` config overrides come from ``$SR1_TEST_SETS`` (space separated).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from sr1.models import load_tokenizer  # noqa: E402
+from sr1.rollout.engines import named_weights  # noqa: E402
+from sr1.train.dist import gather_objects, make_accelerator, rank_block  # noqa: E402
+from sr1.train.trainer import RLTrainer, train  # noqa: E402
+from tests.train.helpers import hand_trajectories, rows, tiny_cfg  # noqa: E402
+
+SETS = os.environ.get("SR1_TEST_SETS", "").split()
+RUN_SETS = [
+    "retrieval.index=tiny",
+    "trainer.save_every=1",
+    "trainer.prompts_per_step=4",
+    "trainer.mini_batch_size=8",
+    "trainer.micro_batch_size=2",
+    "algorithm.kl_coef=0.05",
+    "rollout.max_turns=1",
+]
+
+
+def full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().cpu().clone() for n, t in named_weights(module)}
+
+
+def update(out: Path, model: str) -> None:
+    acc = make_accelerator(tiny_cfg("grpo", *SETS))
+    rank, world = acc.process_index, acc.num_processes
+    result = {}
+    for algo in ("grpo", "ppo"):
+        cfg = tiny_cfg(
+            algo,
+            "trainer.mini_batch_size=8",  # the whole global batch: one optimiser update
+            "trainer.micro_batch_size=2",
+            "algorithm.kl_coef=0.05",  # a reference model (sharded under FSDP)
+            *SETS,
+        )
+        tr = RLTrainer(cfg, model_path=model, accelerator=acc)
+        trajs = hand_trajectories(tr.tokenizer, n_prompts=4, n_samples=2)
+        block = rank_block(4, rank, world)
+        mine = [t for t in trajs if block.start <= t.group < block.stop]
+        metrics = tr.step_on(mine)
+        params = full_params(tr.model)
+        critic = full_params(tr.critic) if tr.critic is not None else {}
+        # every rank must hold the same full weights after the update
+        digest = float(sum(p.double().sum() for p in params.values()))
+        digests = gather_objects(acc, digest)
+        result[algo] = {
+            "params": params,
+            "critic": critic,
+            "metrics": metrics,
+            "rank_digests": digests,
+            "ids": [t.id for t in mine],
+        }
+        del tr
+    if acc.is_main_process:
+        torch.save(result, out / f"update-{world}.pt")
+    acc.wait_for_everyone()
+
+
+def run(out: Path, model: str, spec: str) -> None:
+    name, steps, *rest = spec.split(":")[1:]
+    resume = None
+    if rest:
+        resume = json.loads((out / f"{rest[0]}.json").read_text())["run_id"]
+    cfg = tiny_cfg("ppo", *RUN_SETS, *SETS)
+    res = train(
+        cfg,
+        "ppo",
+        model,
+        resume=resume,
+        max_steps=int(steps),
+        progress=False,
+        rows=rows(load_tokenizer(model)),
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        keep = {k: res[k] for k in ("run_id", "checkpoint", "steps", "start_step")}
+        (out / f"{name}.json").write_text(json.dumps(keep))
+
+
+def main(out: str, model: str, *jobs: str) -> None:
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # a hung rank's stacks: kill -USR1 PID
+    torch.set_num_threads(1)
+    o = Path(out)
+    for job in jobs:
+        if job == "update":
+            update(o, model)
+        elif job.startswith("train:"):
+            run(o, model, job)
+        else:
+            raise SystemExit(f"unknown job {job!r}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
