@@ -8,8 +8,9 @@ Jobs, in order:
   over the ranks in contiguous blocks; writes ``OUT/update-W.pt`` (gathered parameters, the
   critic's for PPO, the step's metrics, and whether the ranks held identical weights).
 - ``train:NAME:STEPS[:RESUME_NAME]``: ``sr1.train.trainer.train`` (PPO, real HF rollouts on
-  tiny-qwen2 against the tiny BM25 index the test built in ``$SR1_HOME``) for STEPS steps,
-  or resuming the run recorded as RESUME_NAME; rank 0 writes ``OUT/NAME.json``.
+  tiny-qwen2 in the synthetic world the test built in ``$SR1_HOME``: its prepared ``synth``
+  questions and BM25 index) for STEPS steps, or resuming the run recorded as RESUME_NAME;
+  rank 0 writes ``OUT/NAME.json``.
 Extra ``key=value`` config overrides come from ``$SR1_TEST_SETS`` (space separated).
 """
 
@@ -24,15 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sr1.models import load_tokenizer  # noqa: E402
 from sr1.rollout.engines import named_weights  # noqa: E402
 from sr1.train.dist import gather_objects, make_accelerator, rank_block  # noqa: E402
 from sr1.train.trainer import RLTrainer, train  # noqa: E402
-from tests.train.helpers import hand_trajectories, rows, tiny_cfg  # noqa: E402
+from tests.train.helpers import hand_trajectories, tiny_cfg  # noqa: E402
 
 SETS = os.environ.get("SR1_TEST_SETS", "").split()
 RUN_SETS = [
-    "retrieval.index=tiny",
+    "retrieval.index=synth",
+    "data.train_datasets=[synth]",
     "trainer.save_every=1",
     "trainer.prompts_per_step=4",
     "trainer.mini_batch_size=8",
@@ -87,15 +88,7 @@ def run(out: Path, model: str, spec: str) -> None:
     if rest:
         resume = json.loads((out / f"{rest[0]}.json").read_text())["run_id"]
     cfg = tiny_cfg("ppo", *RUN_SETS, *SETS)
-    res = train(
-        cfg,
-        "ppo",
-        model,
-        resume=resume,
-        max_steps=int(steps),
-        progress=False,
-        rows=rows(load_tokenizer(model)),
-    )
+    res = train(cfg, "ppo", model, resume=resume, max_steps=int(steps), progress=False)
     if int(os.environ.get("RANK", "0")) == 0:
         keep = {k: res[k] for k in ("run_id", "checkpoint", "steps", "start_step")}
         (out / f"{name}.json").write_text(json.dumps(keep))

@@ -2,8 +2,8 @@
 ``accelerate launch --config_file experiments/accelerate/cpu-{ddp,fsdp}-2.yaml``.
 
 One process vs 2 ranks on the same global batch (tiny-qwen2, fp32): one GRPO and one PPO update
-on hand-built trajectories, then a PPO ``train`` run with real HF rollouts against a real BM25
-index, real DuckDB and MLflow files. Under FSDP the policy, critic and reference are sharded
+on hand-built trajectories, then a PPO ``train`` run with real HF rollouts in a small synthetic
+world (``sr1.data.synth``: its questions, its real BM25 index), real DuckDB and MLflow files. Under FSDP the policy, critic and reference are sharded
 and the rollout engine runs in its own process per rank (``rollout.placement=process``, fed
 the gathered weights each step); the FSDP run stops after step 1 and is resumed by a second
 launch. Tolerances seen when this was written: parameters after one update within 3e-6 of
@@ -59,7 +59,8 @@ def _ok(p: subprocess.CompletedProcess[str]) -> None:
 @pytest.fixture(scope="module")
 def runs(tiny_qwen2: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every launch once: plain (1 process), DDP (2), FSDP (2, then a resume)."""
-    from tests.train.helpers import build_tiny_index
+    from sr1.data.synth import synthesize
+    from sr1.retrieval.index import build_index
 
     out: dict[str, Any] = {"seconds": {}}
     homes = {k: tmp_path_factory.mktemp(f"dist-{k}") for k in ("one", "ddp", "fsdp")}
@@ -67,7 +68,9 @@ def runs(tiny_qwen2: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         prev = os.environ.get("SR1_HOME")
         os.environ["SR1_HOME"] = str(home)
         try:
-            build_tiny_index(home)  # SR1_HOME/indices/tiny, the worker's retrieval.index
+            # the world (prepared as dataset synth) and its index, the worker's training data
+            synthesize(seed=0, n_entities=40, n_train=40, n_dev=5, n_test=12)
+            build_index("synth", progress=False)
         finally:
             if prev is None:
                 os.environ.pop("SR1_HOME")
