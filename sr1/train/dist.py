@@ -44,6 +44,11 @@ def make_accelerator(cfg: ExperimentConfig) -> Any:
     acc = Accelerator(cpu=models.pick_device(cfg.model.device) == "cpu")
     wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if wants_fsdp and acc.distributed_type == DistributedType.MULTI_CPU:
+        from accelerate.state import PartialState
+
+        # both shared states: every AcceleratorState() (Accelerate makes one per optimizer
+        # and scheduler it wraps) copies PartialState's distributed_type over its own
+        PartialState().distributed_type = DistributedType.FSDP
         acc.state.distributed_type = DistributedType.FSDP
         acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
     return acc

@@ -419,20 +419,28 @@ class RLTrainer:
                     ms.append((m, float(mb.response_mask.sum())))
                 m = core.combine_metrics([x for part in gather_objects(self.acc, ms) for x in part])
                 params = [p for p in self.policy.parameters() if p.requires_grad]
-                m["actor/grad_norm"] = float(self.acc.clip_grad_norm_(params, t.grad_clip))
+                m["actor/grad_norm"] = self._clip_grad_norm(params)
                 m["actor/lr"] = self.sched.get_last_lr()[0]
                 self.optimizer.step()
                 self.sched.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.critic is not None:
-                    cn = self.acc.clip_grad_norm_(self.critic.parameters(), t.grad_clip)
-                    m["critic/grad_norm"] = float(cn)
+                    m["critic/grad_norm"] = self._clip_grad_norm(list(self.critic.parameters()))
                     self.critic_optimizer.step()
                     self.critic_sched.step()
                     self.critic_optimizer.zero_grad(set_to_none=True)
                 self.updates += 1
                 out.append(m)
         return core.metric_means(out)
+
+    def _clip_grad_norm(self, params: list[torch.nn.Parameter]) -> float:
+        """Clip to ``trainer.grad_clip``; returns the global norm before clipping. FSDP: torch's
+        own clip over the DTensor gradients (a global norm); Accelerate's FSDP2 path compares
+        parameter lists with ``==``, which raises on DTensors."""
+        if self.fsdp:
+            n = torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
+            return float(n.full_tensor() if hasattr(n, "full_tensor") else n)
+        return float(self.acc.clip_grad_norm_(params, self.tcfg.grad_clip))
 
     def step_on(self, trajs: Sequence[Trajectory]) -> dict[str, float]:
         """One RL step's learning on scored trajectories; returns rollout + update metrics."""

@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from sr1.errors import ConfigError  # noqa: E402
 from sr1.rollout.engines import named_weights  # noqa: E402
-from sr1.train.dist import gather_objects, make_accelerator, rank_block  # noqa: E402
+from sr1.train.dist import gather_objects, is_fsdp, make_accelerator, rank_block  # noqa: E402
 from sr1.train.trainer import RLTrainer, train  # noqa: E402
 from tests.train.helpers import hand_trajectories, tiny_cfg  # noqa: E402
 
@@ -77,6 +78,15 @@ def update(out: Path, model: str) -> None:
             "ids": [t.id for t in mine],
         }
         del tr
+    if is_fsdp(acc):  # what FSDP refuses, before any model is loaded (on every rank)
+        refused = {}
+        for what, extra in (("inprocess", ["rollout.placement=inprocess"]),
+                            ("lora", ["trainer.lora_rank=8"])):  # fmt: skip
+            try:
+                RLTrainer(tiny_cfg("grpo", *SETS, *extra), model_path=model, accelerator=acc)
+            except ConfigError as e:
+                refused[what] = str(e)
+        result["refused"] = refused
     if acc.is_main_process:
         torch.save(result, out / f"update-{world}.pt")
     acc.wait_for_everyone()

@@ -127,6 +127,14 @@ def test_one_update_on_two_ranks_equals_one_process(runs, backend: str, algo: st
 
 
 @pytest.mark.slow
+def test_fsdp_refuses_in_process_engines_and_lora_with_advice(runs) -> None:
+    refused = runs["fsdp"]["update"]["refused"]
+    assert "rollout.placement=process" in refused["inprocess"]
+    assert "rollout.engine_url" in refused["inprocess"]
+    assert "LoRA" in refused["lora"] and "lora_rank=0" in refused["lora"]
+
+
+@pytest.mark.slow
 def test_two_rank_runs_log_one_run_with_the_single_process_metrics(
     runs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
