@@ -494,10 +494,11 @@ class TrainerConfig(_Section):
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory.")
     mixed_precision: str = opt(
         "auto",
-        "Autocast for the training forward passes (sft and RL): bf16, no, or auto (none, unless "
-        "`accelerate launch --mixed_precision` applies its own; use that for fp16). Weights "
-        "and optimiser state stay in model.dtype; log-probs are taken in fp32. bf16: ~1.5x "
-        "tokens/s for SmolLM2-135M on a CPU with AVX512-BF16.",
+        "Autocast for the training forward passes (sft and RL): bf16, no, or auto (on CPU: "
+        "bf16 where the CPU has AMX-BF16/AVX512-BF16, else none; on an accelerator: none, "
+        "unless `accelerate launch --mixed_precision` applies its own; use that for fp16). "
+        "Weights and optimiser state stay in model.dtype; log-probs are taken in fp32. bf16: "
+        "~1.5x tokens/s for SmolLM2-135M on a CPU with AVX512-BF16, 24x slower on AVX2 only.",
         choices=("auto", "no", "bf16"),
     )
     reuse_old_logprobs: bool = opt(

@@ -227,6 +227,8 @@ def sft(
                 "searches_per_example": sum(x.num_searches for x in trajs) / max(1, len(trajs)),
                 "masked_share": float(1 - batch.response_mask.sum() / batch.response_valid.sum()),
                 "dtype": models.dtype_report(cfg.model.dtype, dev, training=True),
+                "mixed_precision": t.mixed_precision,
+                "mixed_precision_resolved": models.resolve_mixed_precision(t.mixed_precision, dev),
             }
         )
         step = 0

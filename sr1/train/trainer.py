@@ -747,11 +747,6 @@ def _load_train_rows(cfg: ExperimentConfig, tokenizer: Any) -> list[dict[str, An
     ]
 
 
-def _link_copy(src: Path, dst: Path) -> None:
-    """``dst`` as a hard-link copy of ``src``, replaced atomically (:func:`link_copy`)."""
-    link_copy(src, dst)
-
-
 def train(
     cfg: ExperimentConfig,
     algo: str,
@@ -863,6 +858,9 @@ def train(
                     "n_train_rows": len(rows),
                     "dtype": str(trainer.dtype).removeprefix("torch."),
                     "mixed_precision": cfg.trainer.mixed_precision,
+                    "mixed_precision_resolved": models.resolve_mixed_precision(
+                        cfg.trainer.mixed_precision, str(trainer.acc.device)
+                    ),
                     "cpu_bf16_native": models.cpu_bf16_native(),
                 }
             )
@@ -921,7 +919,7 @@ def train(
         if not interrupted and last_ckpt is not None and accelerator.is_main_process:
             final = ckpt_dir / "final"
             with StopSignals():  # every step is done: a signal now waits for the copy
-                _link_copy(last_ckpt, final)
+                link_copy(last_ckpt, final)
             run.log_artifact(final, kind="checkpoint")
         result = {
             "run_id": run.run_id,
