@@ -1,20 +1,24 @@
-"""Training-step benchmark: what mixed precision and a graph-free entropy metric buy.
+"""Training-step benchmark: what mixed precision, a graph-free entropy metric and a policy-token
+output head buy.
 
 Prints one JSON document on stdout (progress on stderr). One micro-batch of Search-R1-shaped
 rows (prompt, sampled turn, inserted information block with mask 0, answer; random token ids
 of the quickstart's sizes) goes through the policy's forward and backward passes, as in
-``RLTrainer._micro_loss`` with ``entropy_coef = 0``, in four variants run in alternation:
+``RLTrainer._micro_loss`` with ``entropy_coef = 0``, in up to eight variants run in alternation:
 
 - ``mixed_precision``: ``no`` (fp32) or ``bf16`` (``torch.autocast``; weights stay fp32);
 - ``entropy_grad``: ``true`` keeps the entropy's autograd graph although the loss does not use
-  it (what the trainer did before), ``false`` computes it as a metric only (what it does now).
+  it (what the trainer did before), ``false`` computes it as a metric only (what it does now);
+- ``logits_at``: ``all`` projects every column through the output head (prompt and inserted
+  tokens too: what the trainer did before), ``policy`` only the tokens the loss sees (now).
 
 For each variant: median seconds per micro-batch and tokens/s over ``--repeats`` timed runs
 after one warm-up, and the speed ratio to the first fp32 variant (all variants in
 one process, interleaved, so the ratios share the machine's noise).
 
 Run: ``.venv/bin/python benchmarks/train_step.py [--model smollm2-135m] [--batch 8]
-[--prompt 120] [--response 330] [--freeze 20] [--repeats 3] [--entropy-grad both|true|false]``
+[--prompt 120] [--response 330] [--freeze 20] [--repeats 3] [--entropy-grad both|true|false]
+[--mixed-precision both|no|bf16] [--logits-at both|policy|all]``
 """
 
 from __future__ import annotations
@@ -51,6 +55,18 @@ def main() -> None:
         default="both",
         help="which entropy variants to time (false alone halves the run: emulated bf16 on "
         "an AVX2-only CPU takes minutes per micro-batch)",
+    )
+    ap.add_argument(
+        "--mixed-precision",
+        choices=("both", "no", "bf16"),
+        default="both",
+        help="which autocast variants to time (no alone where bf16 is emulated)",
+    )
+    ap.add_argument(
+        "--logits-at",
+        choices=("both", "policy", "all"),
+        default="both",
+        help="output head at policy tokens only, at every column, or both",
     )
     args = ap.parse_args()
 
@@ -91,11 +107,13 @@ def main() -> None:
     adv = torch.randn(args.batch, 1).expand(-1, R).contiguous()
     n_tokens = args.batch * (args.prompt + R)
 
-    def step(mp: str, entropy_grad: bool) -> float:
+    def step(mp: str, entropy_grad: bool, logits_at: str) -> float:
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         with models.autocast(mp, "cpu"):
-            lp, ent = response_forward(model, batch, with_entropy=True, entropy_grad=entropy_grad)
+            lp, ent = response_forward(
+                model, batch, with_entropy=True, entropy_grad=entropy_grad, logits_at=logits_at
+            )
         assert ent is not None
         loss, _ = core.policy_loss(
             "vanilla", lp, lp.detach(), adv, batch.response_mask, AlgorithmConfig()
@@ -105,25 +123,28 @@ def main() -> None:
         return time.perf_counter() - t0
 
     grads = {"both": (True, False), "true": (True,), "false": (False,)}[args.entropy_grad]
-    variants = [(mp, eg) for mp in ("no", "bf16") for eg in grads]
-    times: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
+    mps = ("no", "bf16") if args.mixed_precision == "both" else (args.mixed_precision,)
+    heads = ("all", "policy") if args.logits_at == "both" else (args.logits_at,)
+    variants = [(mp, eg, at) for mp in mps for eg in grads for at in heads]
+    times: dict[tuple[str, bool, str], list[float]] = {v: [] for v in variants}
     for v in variants:
         step(*v)  # warm-up
     for r in range(args.repeats):
         for v in variants:
             times[v].append(step(*v))
         log(f"repeat {r + 1}/{args.repeats} done")
-    base = statistics.median(times[("no", grads[0])])
+    base = statistics.median(times[variants[0]])
     rows = []
-    for mp, eg in variants:
-        s = statistics.median(times[(mp, eg)])
+    for mp, eg, at in variants:
+        s = statistics.median(times[(mp, eg, at)])
         rows.append(
             {
                 "mixed_precision": mp,
                 "entropy_grad": eg,
+                "logits_at": at,
                 "seconds_per_micro_batch": round(s, 3),
                 "tokens_per_s": round(n_tokens / s, 1),
-                f"speedup_vs_fp32_entropy_grad_{str(grads[0]).lower()}": round(base / s, 2),
+                "speedup_vs_first": round(base / s, 2),
             }
         )
     print(
@@ -133,6 +154,10 @@ def main() -> None:
                 "batch": args.batch,
                 "prompt_tokens": args.prompt,
                 "response_tokens": R,
+                "policy_tokens_per_row": sum(mask),
+                "first_variant": dict(
+                    zip(("mixed_precision", "entropy_grad", "logits_at"), variants[0], strict=True)
+                ),
                 "frozen_layers": args.freeze,
                 "threads": args.threads,
                 "repeats": args.repeats,

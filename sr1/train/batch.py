@@ -11,7 +11,8 @@ inserted); padding is 0. Nothing here re-tokenises text.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -127,31 +128,87 @@ def _trim(batch: TrainBatch) -> tuple[Tensor, Tensor, Tensor, int]:
     return batch.input_ids[:, sl], attn[:, sl], batch.position_ids[:, sl], first
 
 
+LOGITS_AT = ("policy", "all")
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The output projection (``lm_head``) of an HF causal LM, seen through DDP/peft
+    wrappers; None when the model has none that can be hooked."""
+    inner = getattr(model, "module", model)  # DDP
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+@contextlib.contextmanager
+def _head_on(head: torch.nn.Module, cols: slice, sel: Tensor) -> Iterator[None]:
+    """While active, ``head`` projects only the hidden states at ``sel`` ``(B, n)`` within
+    columns ``cols``: its input ``(B, T, H)`` becomes ``(N, H)`` and the model's logits
+    ``(N, V)``, N = ``sel.sum()``. A forward pre-hook inside the model's own forward, so it
+    holds under DDP and FSDP (parameters are gathered by the root's hooks as usual)."""
+
+    def pick(_mod: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][:, cols][sel], *args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def response_forward(
     model: torch.nn.Module,
     batch: TrainBatch,
     with_entropy: bool = False,
     entropy_grad: bool = True,
+    logits_at: str = "policy",
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``(B, R)`` of the response tokens under ``model`` (with grad if enabled) and
-    optionally their entropies ``(B, R)``. Positions past a row's response are 0.
+    optionally their entropies ``(B, R)``.
+
+    ``logits_at="policy"`` (the default) runs the output head only at the positions the loss
+    sees (``response_mask`` 1: sampled tokens; every response token when observations are not
+    masked): the ``(B, T, V)`` logits of prompt and inserted tokens are never computed, and
+    those positions are 0 here. ``"all"`` projects every column (the reference path; values
+    equal at the selected positions) and fills every valid response position. Past a row's
+    response both give 0.
 
     ``entropy_grad=False`` computes the entropies without autograd (a metric only): the
-    ``(B, R, V)`` softmax over the vocabulary, as large as the logits, is then not kept for
-    backward."""
+    softmax over the vocabulary, as large as the logits, is then not kept for backward."""
+    if logits_at not in LOGITS_AT:
+        raise ValueError(f"logits_at={logits_at!r} is not one of {LOGITS_AT}")
     ids, attn, pos, first = _trim(batch)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     P, R = batch.prompt_len - first, batch.response_len
     n = min(R, ids.shape[1] - P)  # response columns present after trimming
-    logits = out.logits[:, P - 1 : P - 1 + n]  # (B, n, V)
     labels = ids[:, P : P + n]  # (B, n)
+    cols = slice(P - 1, P - 1 + n)  # the columns whose logits predict the response
+    head = output_head(model) if logits_at == "policy" else None
+    sel = batch.response_mask[:, :n].to(ids.device) > 0  # (B, n)
     lp = torch.zeros(len(batch), R, dtype=torch.float32, device=ids.device)
+    ent = lp.new_zeros(len(batch), R) if with_entropy else None
+    if head is not None:
+        with _head_on(head, cols, sel):
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+        logits = out.logits  # (N, V)
+        if logits.dim() != 2 or logits.shape[0] != int(sel.sum()):
+            raise RuntimeError(
+                f"{type(getattr(model, 'module', model)).__name__} reshaped its head's output "
+                f"(logits {tuple(logits.shape)}); pass logits_at='all' for this model"
+            )
+        lp = lp.index_put((*sel.nonzero(as_tuple=True),), logprobs_from_logits(logits, labels[sel]))
+        if ent is not None:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                e = entropy_from_logits(logits)
+            ent = ent.index_put((*sel.nonzero(as_tuple=True),), e)
+        return lp, ent
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    logits = out.logits[:, cols]  # (B, n, V)
     lp = torch.cat([logprobs_from_logits(logits, labels), lp[:, n:]], dim=1)  # (B, R)
-    ent = None
-    if with_entropy:
+    if ent is not None:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             e = entropy_from_logits(logits)
-        ent = torch.cat([e, lp.new_zeros(len(batch), R - n)], dim=1)
+        ent = torch.cat([e, ent[:, n:]], dim=1)
     return lp * batch.response_valid, (ent * batch.response_valid if ent is not None else None)
 
 

@@ -54,11 +54,48 @@ def test_old_logprobs_match_an_unpadded_forward(tiny_qwen2):
         with torch.no_grad():
             logits = tr.policy(ids).logits[0, len(t.prompt_ids) - 1 : -1].float()
         want = torch.log_softmax(logits, -1).gather(-1, ids[0, len(t.prompt_ids) :, None])
+        m = torch.tensor(t.loss_mask, dtype=torch.bool)  # the head runs at policy tokens only
+        assert m.any() and not m.all()
         torch.testing.assert_close(
-            lp[b, : len(t.response_ids)], want.squeeze(-1), atol=1e-4, rtol=1e-4
+            lp[b, : len(t.response_ids)][m], want.squeeze(-1)[m], atol=1e-4, rtol=1e-4
         )
+        assert torch.all(lp[b, : len(t.response_ids)][~m] == 0)
         assert torch.all(lp[b, len(t.response_ids) :] == 0)
-        assert ent is not None and torch.all(ent[b, : len(t.response_ids)] > 0)
+        assert ent is not None and torch.all(ent[b, : len(t.response_ids)][m] > 0)
+
+
+@pytest.mark.parametrize("use_mask", [True, False])
+def test_policy_token_head_equals_the_full_head(tiny_qwen2, use_mask):
+    """logits_at="policy" (the head projects only tokens the loss sees) gives the full head's
+    log-probs, entropies and gradients at those tokens; with observations unmasked (the
+    ablation) that is every response token."""
+    tr = RLTrainer(tiny_cfg("grpo", "algorithm.kl_coef=0"), model_path=tiny_qwen2)
+    b = collate(hand_trajectories(tr.tokenizer), tr.pad_id, use_mask=use_mask)
+    sel = b.response_mask > 0
+    assert (
+        sel.sum() < b.response_valid.sum()
+        if use_mask
+        else bool(torch.all(sel == (b.response_valid > 0)))
+    )
+    adv = torch.randn(b.response_mask.shape, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for at in ("policy", "all"):
+        tr.policy.zero_grad(set_to_none=True)
+        lp, ent = response_forward(tr.policy, b, with_entropy=True, entropy_grad=True, logits_at=at)
+        assert ent is not None
+        loss = core.masked_mean(lp * adv + 0.1 * ent, b.response_mask)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in tr.policy.named_parameters() if p.grad is not None}
+        out[at] = (lp.detach(), ent.detach(), grads)
+    (lp_p, ent_p, g_p), (lp_a, ent_a, g_a) = out["policy"], out["all"]
+    torch.testing.assert_close(lp_p[sel], lp_a[sel], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_p[sel], ent_a[sel], atol=1e-5, rtol=1e-5)
+    assert torch.all(lp_p[~sel] == 0) and torch.all(ent_p[~sel] == 0)
+    assert g_p.keys() == g_a.keys() and g_p
+    for n in g_p:
+        torch.testing.assert_close(g_p[n], g_a[n], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="logits_at='every'.*policy"):
+        response_forward(tr.policy, b, logits_at="every")
 
 
 def test_inserted_tokens_cannot_change_the_update(tiny_qwen2):
