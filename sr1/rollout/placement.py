@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,7 +177,7 @@ class EngineProcess:
                     )
                 time.sleep(0.25)
         except BaseException:
-            self.stop()
+            self.stop(keep_log=True)
             raise
 
     def death(self, during: str, wait_s: float = 5.0) -> EngineDied | None:
@@ -201,11 +202,16 @@ class EngineProcess:
             msg += f" (its log {self.log_path} is empty)"
         return EngineDied(msg, code, tail)
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM the child's process group, SIGKILL it after ``grace_s``; idempotent."""
+    def stop(self, grace_s: float = 5.0, keep_log: bool = False) -> None:
+        """SIGTERM the child's process group, SIGKILL it after ``grace_s``; idempotent. Its
+        temporary folder (config, ready file, and the log unless ``log_path`` is elsewhere) is
+        removed, except when the child died on its own or ``keep_log``: an error quotes it."""
         with _LIVE_LOCK:
             _LIVE.discard(self)
         p = self.proc
+        # a child that exited on its own with an error keeps its folder: its log is quoted in
+        # the error the caller shows; one we stop (or that finished cleanly) leaves nothing
+        died_on_its_own = p is not None and p.poll() not in (None, 0)
         if p is not None and p.poll() is None:
             for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -221,6 +227,9 @@ class EngineProcess:
         ready = self._tmp / "ready.json"
         with contextlib.suppress(OSError):
             ready.unlink()
+        log_inside = self._tmp in self.log_path.parents
+        if not (log_inside and (died_on_its_own or keep_log)):
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ installed.
 
 from __future__ import annotations
 
+import shutil
 import socket
 from pathlib import Path
 
@@ -219,8 +220,11 @@ def test_an_engine_process_is_stopped_on_sigterm_errors_and_exit(
         pid = eng.process.pid
         assert os.getpgid(pid) == pid != os.getpgid(0)  # its own group: no stray Ctrl-C
         assert eng.max_context == 64 and eng.health()["model"] == "fake"
+        tmp = eng.process._tmp
+        assert tmp.is_dir()
         os.kill(os.getpid(), signal.SIGTERM)
     assert _gone(pid) and before == placement._LIVE
+    assert not tmp.exists()  # a stopped engine leaves no temporary folder behind
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
     with (
         pytest.raises(RuntimeError, match="boom"),
@@ -238,7 +242,20 @@ def test_an_engine_process_is_stopped_on_sigterm_errors_and_exit(
         placement._LIVE.update(before)
     assert _gone(proc.pid)
     assert proc.death("the test").exit_code == -signal.SIGTERM
-    assert "fake engine serving" in proc.death("the test").log_tail
+    assert not proc._tmp.exists()
+    # a child that dies on its own keeps its folder: the error quotes its log
+    proc = placement.EngineProcess(tiny_qwen2, cfg)
+    try:
+        proc.start()
+        os.killpg(proc.pid, signal.SIGKILL)
+        died = proc.death("the test")
+        assert died is not None and died.exit_code == -signal.SIGKILL
+        assert "fake engine serving" in died.log_tail
+        proc.stop()
+        assert proc.log_path.is_file() and str(proc.log_path) in str(died)
+    finally:
+        proc.stop()
+        shutil.rmtree(proc._tmp, ignore_errors=True)
 
 
 def test_hf_engine_update_weights_skips_its_own_tensors_and_copies_others(
