@@ -1,8 +1,8 @@
 """RL-step benchmark: one quickstart-shaped GRPO step with the engine in-process or in its own.
 
 Prints one JSON document on stdout (progress on stderr). The step is `sr1.train.trainer.train`
-with `experiments/quickstart.yaml` (SmolLM2-135M-Instruct, 4 prompts x 4 samples = 16
-trajectories, up to 2 searches, 448-token responses, lower 20 of 30 layers frozen, bf16
+with `experiments/quickstart.yaml` (SmolLM2-135M-Instruct), pinned to 4 prompts x 4 samples = 16
+trajectories (``SHAPE``), up to 2 searches, 448-token responses, lower 20 of 30 layers frozen, bf16
 autocast for the update, one on-policy update per batch), search rollouts against a real BM25
 index: over the shared sample passages (`../shared/data/corpus/wiki-sample.jsonl`) with NQ
 train questions when that data is present, else over the synthetic world (`sr1 data synth` +
@@ -44,9 +44,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# the issue's shape, pinned so a change of the quickstart's sizes does not change what is timed
+SHAPE = ["rollout.n_samples=4", "trainer.prompts_per_step=4", "trainer.mini_batch_size=16"]
 SETUPS = {
-    "hf": ["rollout.engine=hf"],
-    "vllm": ["rollout.engine=vllm"],
+    "hf": ["rollout.engine=hf", "rollout.placement=inprocess"],
+    "vllm": ["rollout.engine=vllm", "rollout.placement=inprocess"],
     "vllm-process": ["rollout.engine=vllm", "rollout.placement=process"],
     "vllm-process-async": [
         "rollout.engine=vllm",
@@ -135,6 +137,7 @@ def run_setup(name: str, prep: dict[str, Any], steps: int) -> dict[str, Any]:
         f"retrieval.index={prep['index']}",
         "trainer.save_every=1000",
         "tracking.experiment=bench-rl-step",
+        *SHAPE,
         *SETUPS[name],
     ]
     cfg = resolve_config(REPO / "experiments" / "quickstart.yaml", sets)

@@ -534,6 +534,13 @@ class TrainerConfig(_Section):
     sft_epochs: int = opt(2, "SFT warm-start epochs.", ge=1)
     sft_lr: float = opt(1e-4, "SFT learning rate.", gt=0, le=1)
     sft_examples: int = opt(256, "Training questions turned into SFT trajectories.", ge=1)
+    sft_batch_size: int | None = opt(
+        None,
+        "SFT examples per optimiser update (micro-batches of micro_batch_size); None = "
+        "mini_batch_size, so changing RL's mini-batch does not silently change SFT's number of "
+        "updates when this is set.",
+        ge=1,
+    )
     seed: int = opt(0, "Training seed.", ge=0)
 
 

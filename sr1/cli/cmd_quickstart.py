@@ -101,8 +101,10 @@ def quickstart_cmd(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Fetch SmolLM2-135M, build the synthetic world and its BM25 index, evaluate the untrained
-    model (direct, rag, search), SFT warm-start, evaluate it (search, rag), RL (GRPO) from it,
-    evaluate that with search, and print the comparison with a paired test of RL vs SFT.
+    model (quickstart.baselines: direct and rag), SFT warm-start, evaluate it (search, rag), RL
+    (GRPO) from it, evaluate that with search, and print the comparison with a paired test of
+    RL vs SFT. Rollouts and evals run on vLLM in its own process (rollout.placement=process);
+    `--set rollout.engine=hf --set rollout.placement=inprocess` uses the HF engine instead.
 
     Every stage is an ordinary run (see `sr1 runs list`, `sr1 report`); re-running skips the
     stages this config already finished. Sizes: experiments/quickstart.yaml, or --set, e.g.

@@ -150,9 +150,10 @@ def sft(
 
     ``trainer.sft_examples`` questions (of ``dataset`` or ``data.train_datasets``), retrieved
     from ``index``, ``trainer.sft_epochs`` epochs at ``trainer.sft_lr``, mini-batches of
-    ``trainer.mini_batch_size`` with micro-batches of ``trainer.micro_batch_size``; LoRA when
-    ``trainer.lora_rank`` > 0 (merged in the checkpoint). ``rows``/``retriever`` replace the
-    configured data and index (library use, tests). ``progress`` reports optimiser updates,
+    ``trainer.sft_batch_size`` (None: ``trainer.mini_batch_size``) with micro-batches of
+    ``trainer.micro_batch_size``; LoRA when ``trainer.lora_rank`` > 0 (merged in the
+    checkpoint). ``rows``/``retriever`` replace the configured data and index (library use,
+    tests). ``progress`` reports optimiser updates,
     labelled with the latest loss (:mod:`sr1.progress`; None or False: silent).
     """
     from transformers import AutoModelForCausalLM
@@ -206,7 +207,8 @@ def sft(
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.sft_lr, weight_decay=t.weight_decay)
-    n_updates = t.sft_epochs * -(-len(trajs) // t.mini_batch_size)
+    bs = t.sft_batch_size or t.mini_batch_size
+    n_updates = t.sft_epochs * -(-len(trajs) // bs)
     if max_steps is not None:
         n_updates = min(n_updates, max_steps)
     g = torch.Generator().manual_seed(t.seed)
@@ -224,6 +226,8 @@ def sft(
                 "base_model": base,
                 "index": index,
                 "n_examples": len(trajs),
+                "batch_size": bs,
+                "n_updates": n_updates,
                 "searches_per_example": sum(x.num_searches for x in trajs) / max(1, len(trajs)),
                 "masked_share": float(1 - batch.response_mask.sum() / batch.response_valid.sum()),
                 "dtype": models.dtype_report(cfg.model.dtype, dev, training=True),
@@ -236,11 +240,11 @@ def sft(
         with StopSignals() as stop, resolve_progress(progress)("sft", n_updates) as advance:
             while step < n_updates and not stop.set:
                 perm = torch.randperm(len(trajs), generator=g)
-                for s in range(0, len(trajs), t.mini_batch_size):
+                for s in range(0, len(trajs), bs):
                     if step >= n_updates or stop.set:
                         break
                     t0 = time.perf_counter()
-                    idx = perm[s : s + t.mini_batch_size]
+                    idx = perm[s : s + bs]
                     denom = core.agg_denominator(batch.response_mask[idx], "token-mean")
                     total = 0.0
                     for i in range(0, len(idx), t.micro_batch_size):

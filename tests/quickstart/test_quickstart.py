@@ -19,6 +19,11 @@ from sr1.quickstart import no_mask_config
 
 TINY = [
     "model.name=tiny-qwen2",
+    # the HF engine in-process (the default's vLLM engine process is tested in tests/rollout),
+    # and the untrained search baseline the default leaves out, so every method path runs
+    "rollout.engine=hf",
+    "rollout.placement=inprocess",
+    "quickstart.baselines=[direct,rag,search]",
     "quickstart.synth_entities=40",
     "quickstart.synth_train=40",
     "quickstart.synth_dev=5",

@@ -42,7 +42,7 @@ def test_default_stages_and_ablations_add_exactly_two() -> None:
     cfg = resolve_config(CONFIG)
     names = [n for n, _ in stages(cfg)]
     assert names == [
-        "fetch", "synth", "index", "eval-direct", "eval-rag", "eval-search",
+        "fetch", "synth", "index", "eval-direct", "eval-rag",
         "sft", "eval-sft", "eval-sft-rag", "train", "eval-rl",
     ]  # fmt: skip
     with_ablations = stages(cfg, ablations=True)

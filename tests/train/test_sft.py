@@ -112,3 +112,21 @@ def test_sft_run_lowers_the_masked_loss(tiny_qwen2, tmp_path, precision):
         and losses[-1] < 0.92 * losses[0]
     ), losses
     assert AutoModelForCausalLM.from_pretrained(res["checkpoint"]) is not None
+
+
+def test_sft_batch_size_sets_the_updates_apart_from_rl_mini_batch(tiny_qwen2, tmp_path):
+    """trainer.sft_batch_size, when set, decides SFT's updates (a larger RL mini-batch halved
+    the quickstart's SFT updates before it existed); unset, it follows trainer.mini_batch_size.
+    """
+    from sr1.tracking.store import Store
+
+    tok = load_tokenizer(tiny_qwen2)
+    index = build_tiny_index(tmp_path)
+    base = ("trainer.sft_epochs=1", "trainer.sft_examples=4", "trainer.mini_batch_size=4")
+    own = sft(tiny_cfg("grpo", *base, "trainer.sft_batch_size=2"), tiny_qwen2, index,
+              progress=False, rows=rows(tok))  # fmt: skip
+    assert len(own["steps"]) == 2  # 4 examples, 2 per update, 1 epoch
+    params = Store().get_run(own["run_id"])["params"]
+    assert (params["batch_size"], params["n_updates"]) == (2, 2)
+    follows = sft(tiny_cfg("grpo", *base), tiny_qwen2, index, progress=False, rows=rows(tok))
+    assert len(follows["steps"]) == 1  # None: the RL mini-batch of 4
