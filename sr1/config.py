@@ -536,9 +536,8 @@ class TrainerConfig(_Section):
     sft_examples: int = opt(256, "Training questions turned into SFT trajectories.", ge=1)
     sft_batch_size: int | None = opt(
         None,
-        "SFT examples per optimiser update (micro-batches of micro_batch_size); None = "
-        "mini_batch_size, so changing RL's mini-batch does not silently change SFT's number of "
-        "updates when this is set.",
+        "SFT examples per optimiser update (in micro-batches of micro_batch_size). None = "
+        "mini_batch_size; set it so that resizing RL's mini-batch leaves SFT unchanged.",
         ge=1,
     )
     seed: int = opt(0, "Training seed.", ge=0)

@@ -153,8 +153,8 @@ def sft(
     ``trainer.sft_batch_size`` (None: ``trainer.mini_batch_size``) with micro-batches of
     ``trainer.micro_batch_size``; LoRA when ``trainer.lora_rank`` > 0 (merged in the
     checkpoint). ``rows``/``retriever`` replace the configured data and index (library use,
-    tests). ``progress`` reports optimiser updates,
-    labelled with the latest loss (:mod:`sr1.progress`; None or False: silent).
+    tests). ``progress`` reports optimiser updates, labelled with the latest loss
+    (:mod:`sr1.progress`; None or False: silent).
     """
     from transformers import AutoModelForCausalLM
 
