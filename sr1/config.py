@@ -501,6 +501,16 @@ class TrainerConfig(_Section):
         "~1.5x tokens/s for SmolLM2-135M on a CPU with AVX512-BF16, 24x slower on AVX2 only.",
         choices=("auto", "no", "bf16"),
     )
+    skip_inert_rows: bool = opt(
+        True,
+        "Leave out of the update's forward and backward the trajectories whose advantage is 0 "
+        "at every token (a GRPO/RLOO group whose samples all scored the same), when nothing else "
+        "in the loss sees them: kl_coef 0, entropy_coef 0, no critic, and a policy loss whose "
+        "gradient vanishes with the advantage (vanilla, gspo). Their gradient is exactly zero "
+        "and the loss normaliser still counts their tokens, so the update is the same up to "
+        "float summation order; the optimiser still steps. actor/* metrics are then over the "
+        "computed trajectories; perf/update_rows_frac says what share that was.",
+    )
     reuse_old_logprobs: bool = opt(
         True,
         "With one on-policy update per batch (ppo_epochs 1, mini_batch_size >= batch), take the "

@@ -689,6 +689,20 @@ def _pl_gspo(
     )
 
 
+# policy losses whose gradient is exactly zero where the advantage is zero (both are
+# -A * f(ratio)); the trainer leaves such trajectories out of the update only for these
+ZERO_AT_ZERO_ADVANTAGE = frozenset({"vanilla", "gspo"})
+
+
+def inert_rows(advantages: Tensor, mask: Tensor) -> Tensor:
+    """``(B,)`` bool: rows whose advantage is exactly 0 at every policy token.
+
+    advantages, mask: ``(B, R)``. Under a policy loss in :data:`ZERO_AT_ZERO_ADVANTAGE`, with
+    no KL, entropy or value term, such a row contributes exactly nothing to the gradient (it
+    still counts in the loss normaliser)."""
+    return ((advantages != 0) & (mask > 0)).sum(-1) == 0
+
+
 def policy_loss(
     name: str,
     logprobs: Tensor,

@@ -233,15 +233,26 @@ def batched_logprobs(
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    lps, ents = [], []
-    for i in range(0, len(batch), micro_batch_size):
-        mb = batch.select(range(i, min(i + micro_batch_size, len(batch)))).to(dev)
-        lp, ent = response_forward(model, mb, with_entropy)
-        lps.append(lp.cpu())
-        if ent is not None:
-            ents.append(ent.cpu())
+    order = length_order(batch, torch.arange(len(batch)))
+    lp_all = torch.zeros(len(batch), batch.response_len)
+    ent_all = torch.zeros(len(batch), batch.response_len) if with_entropy else None
+    for rows in order.split(micro_batch_size):
+        lp, ent = response_forward(model, batch.select(rows).to(dev), with_entropy)
+        lp_all[rows] = lp.float().cpu()
+        if ent_all is not None and ent is not None:
+            ent_all[rows] = ent.float().cpu()
     model.train(was)
-    return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
+    return lp_all, ent_all
+
+
+def length_order(batch: TrainBatch, idx: Tensor) -> Tensor:
+    """``idx`` (row indices of ``batch``) longest sequence first (prompt + response tokens,
+    ties in the given order), so consecutive micro-batches hold rows of similar length and
+    :func:`_trim` cuts most of their padding. For micro-batches whose losses are summed under
+    one normaliser or whose outputs are put back by row index: the result is then the same up
+    to float summation order."""
+    lengths = batch.attention_mask[idx].sum(-1)
+    return idx[torch.argsort(lengths, descending=True, stable=True)]
 
 
 @torch.no_grad()
@@ -250,9 +261,8 @@ def batched_values(critic: torch.nn.Module, batch: TrainBatch, micro_batch_size:
     was = critic.training
     critic.eval()
     dev = next(critic.parameters()).device
-    out = []
-    for i in range(0, len(batch), micro_batch_size):
-        mb = batch.select(range(i, min(i + micro_batch_size, len(batch)))).to(dev)
-        out.append(value_forward(critic, mb).cpu())
+    out = torch.zeros(len(batch), batch.response_len)
+    for rows in length_order(batch, torch.arange(len(batch))).split(micro_batch_size):
+        out[rows] = value_forward(critic, batch.select(rows).to(dev)).float().cpu()
     critic.train(was)
-    return torch.cat(out)
+    return out

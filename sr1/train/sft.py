@@ -28,10 +28,14 @@ from sr1.config import ExperimentConfig, to_dict
 from sr1.progress import ProgressFactory
 from sr1.progress import resolve as resolve_progress
 from sr1.rollout.types import Trajectory
-from sr1.train.batch import collate, response_forward
+from sr1.train.batch import collate, length_order, response_forward
 from sr1.train.checkpoint import save_checkpoint
 
 FIRST_THINK = "<think> I need to find {q}. </think>\n<search> {q} </search>"
+# a multi-hop question's first turn says the plan up front: its first token after <think>
+# is where the policy decides how many searches the question needs (measured: without it a
+# 32-update warm-start searched twice on 24% of single-hop and 27% of two-hop questions)
+PLAN_THINK = "<think> This takes {n} searches. I need to find {q}. </think>\n<search> {q} </search>"
 NEXT_THINK = "<think> {evidence} Next I need {q}. </think>\n<search> {q} </search>"
 ANSWER = "<think> {evidence} </think>\n<answer> {a} </answer>"
 NO_EVIDENCE = "The documents do not say it directly."
@@ -78,7 +82,8 @@ def gold_trajectory(
 ) -> Trajectory:
     """A well-formed trajectory for ``row`` with real retrieval (mask 0 on inserted blocks).
 
-    Policy turns: ``<think> I need to find q1 </think><search> q1 </search>``; after each
+    Policy turns: ``<think> I need to find q1 </think><search> q1 </search>`` (with several
+    gold queries the think starts ``This takes N searches.``); after each
     information block, a think that quotes the retrieved sentence holding the next step's key
     (``metadata["bridge"]`` before the next search, a gold answer before answering), then the
     next search or ``<answer> gold </answer>``.
@@ -113,7 +118,8 @@ def gold_trajectory(
     turn = ""
     for i, q in enumerate(queries):
         if i == 0:
-            turn = FIRST_THINK.format(q=q)
+            many = len(queries) > 1
+            turn = PLAN_THINK.format(n=len(queries), q=q) if many else FIRST_THINK.format(q=q)
         else:
             turn = NEXT_THINK.format(q=q, evidence=evidence(passages, bridge or golds)[0])
         say(turn)
@@ -244,7 +250,8 @@ def sft(
                     if step >= n_updates or stop.set:
                         break
                     t0 = time.perf_counter()
-                    idx = perm[s : s + bs]
+                    # micro-batches of similar lengths (less padding); the sum is the same
+                    idx = length_order(batch, perm[s : s + bs])
                     denom = core.agg_denominator(batch.response_mask[idx], "token-mean")
                     total = 0.0
                     for i in range(0, len(idx), t.micro_batch_size):

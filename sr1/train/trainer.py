@@ -58,6 +58,7 @@ from sr1.train.batch import (
     batched_logprobs,
     batched_values,
     collate,
+    length_order,
     response_forward,
     value_forward,
 )
@@ -405,9 +406,14 @@ class RLTrainer:
         for _ in range(t.ppo_epochs):
             perm = torch.randperm(len(batch), generator=g)
             for idx in _chunks(perm, self.rank_mini_batch):
+                # the normaliser counts every trajectory of the mini-batch, computed or not
                 local = core.agg_denominator(batch.response_mask[idx], self.acfg.loss_agg)
                 denom = global_denominator(self.acc, local)
-                micro = list(_chunks(idx, t.micro_batch_size))
+                n_all = len(idx)
+                if self.skip_inert:
+                    idx = self._live_rows(batch, idx)
+                # micro-batches of similar lengths (less padding); the sum is the same
+                micro = list(_chunks(length_order(batch, idx), t.micro_batch_size))
                 ms: list[tuple[dict[str, float], float]] = []
                 for i, rows in enumerate(micro):
                     last = i == len(micro) - 1 or self.world == 1
@@ -418,6 +424,7 @@ class RLTrainer:
                         self.acc.backward(loss * self.world if self.world > 1 else loss)
                     ms.append((m, float(mb.response_mask.sum())))
                 m = core.combine_metrics([x for part in gather_objects(self.acc, ms) for x in part])
+                m["perf/update_rows_frac"] = len(idx) / n_all
                 params = [p for p in self.policy.parameters() if p.requires_grad]
                 m["actor/grad_norm"] = self._clip_grad_norm(params)
                 m["actor/lr"] = self.sched.get_last_lr()[0]
@@ -432,6 +439,36 @@ class RLTrainer:
                 self.updates += 1
                 out.append(m)
         return core.metric_means(out)
+
+    @property
+    def skip_inert(self) -> bool:
+        """Whether zero-advantage trajectories may be left out of the update (exactly: see
+        ``trainer.skip_inert_rows``)."""
+        a = self.acfg
+        return (
+            self.tcfg.skip_inert_rows
+            and a.kl_coef == 0
+            and a.entropy_coef == 0
+            and self.critic is None
+            and a.policy_loss in core.ZERO_AT_ZERO_ADVANTAGE
+        )
+
+    def _live_rows(self, batch: TrainBatch, idx: torch.Tensor) -> torch.Tensor:
+        """``idx`` without its inert rows (:func:`sr1.algos.core.inert_rows`), keeping at least
+        one, so the backward and the optimiser step still run. On several ranks every rank
+        keeps the same number (the most any rank needs, topped up with inert rows), so the
+        ranks run the same micro-batches and their collectives (DDP's gradient all-reduce,
+        FSDP's all-gathers) stay matched."""
+        assert batch.advantages is not None
+        inert = core.inert_rows(batch.advantages[idx], batch.response_mask[idx])
+        order = torch.cat([idx[~inert], idx[inert]])
+        k = int((~inert).sum())
+        if self.world > 1:
+            counts = gather_objects(self.acc, (k, len(idx)))
+            if len({n for _, n in counts}) > 1:  # uneven mini-batches: compute them all
+                return idx
+            k = max(c for c, _ in counts)
+        return order[: max(k, 1)]
 
     def _clip_grad_norm(self, params: list[torch.nn.Parameter]) -> float:
         """Clip to ``trainer.grad_clip``; returns the global norm before clipping. FSDP: torch's

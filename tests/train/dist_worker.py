@@ -78,6 +78,22 @@ def update(out: Path, model: str) -> None:
             "ids": [t.id for t in mine],
         }
         del tr
+    # GRPO without KL/entropy on a batch whose groups 0-2 all scored alike: only group 3's
+    # trajectories are computed (trainer.skip_inert_rows); on 2 ranks rank 0 holds groups 0-1,
+    # none live, and must top up with inert rows to run rank 1's micro-batches
+    cfg = tiny_cfg("grpo", "trainer.mini_batch_size=8", "trainer.micro_batch_size=2",
+                   "algorithm.kl_coef=0", "algorithm.entropy_coef=0", *SETS)  # fmt: skip
+    tr = RLTrainer(cfg, model_path=model, accelerator=acc)
+    trajs = hand_trajectories(tr.tokenizer, n_prompts=4, n_samples=2)
+    for t in trajs:
+        if t.group < 3:
+            t.reward = 1.0
+    block = rank_block(4, rank, world)
+    metrics = tr.step_on([t for t in trajs if block.start <= t.group < block.stop])
+    params = full_params(tr.model)
+    digests = gather_objects(acc, float(sum(p.double().sum() for p in params.values())))
+    result["grpo-inert"] = {"params": params, "metrics": metrics, "rank_digests": digests}
+    del tr
     if is_fsdp(acc):  # what FSDP refuses, before any model is loaded (on every rank)
         refused = {}
         for what, extra in (("inprocess", ["rollout.placement=inprocess"]),

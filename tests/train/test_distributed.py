@@ -127,6 +127,19 @@ def test_one_update_on_two_ranks_equals_one_process(runs, backend: str, algo: st
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_skipping_inert_rows_on_two_ranks_equals_one_process(runs, backend: str) -> None:
+    """Rank 0 has no live trajectory and computes inert ones so rank 1's collectives match:
+    no hang, and the weights equal one process's (actor metrics are over the computed rows,
+    which differ between the two, so only the weights are compared)."""
+    one, two = runs["one"]["update"]["grpo-inert"], runs[backend]["update"]["grpo-inert"]
+    assert one["metrics"]["perf/update_rows_frac"] == pytest.approx(2 / 8)
+    assert two["metrics"]["perf/update_rows_frac"] == pytest.approx(2 / 4)
+    assert len(set(two["rank_digests"])) == 1
+    _close(one["params"], two["params"], PARAM_ATOL)
+
+
+@pytest.mark.slow
 def test_fsdp_refuses_in_process_engines_and_lora_with_advice(runs) -> None:
     refused = runs["fsdp"]["update"]["refused"]
     assert "rollout.placement=process" in refused["inprocess"]

@@ -47,7 +47,8 @@ def test_gold_trajectory_masks_information_tokens(tiny_qwen2, tmp_path):
     # policy segments are tokenised one by one, never re-tokenised as a whole
     assert spans[0][1] == enc(
         tok,
-        "<think> I need to find who founded Qelm. </think>\n<search> who founded Qelm </search>",
+        "<think> This takes 2 searches. I need to find who founded Qelm. </think>\n"
+        "<search> who founded Qelm </search>",
     )
     answer = tok.decode(spans[4][1])
     # the last think quotes the retrieved sentence that holds the answer, then answers

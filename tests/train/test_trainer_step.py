@@ -238,3 +238,68 @@ def test_entropy_is_a_metric_without_a_graph_unless_it_is_in_the_loss(tiny_qwen2
     g0, g1 = grads(0.0), grads(0.5)
     assert g0.keys() == g1.keys()
     assert any(not torch.allclose(g0[n], g1[n]) for n in g0)
+
+
+def _inert_groups(tok, groups: tuple[int, ...]):
+    trajs = hand_trajectories(tok, n_prompts=4, n_samples=2)
+    for t in trajs:
+        if t.group in groups:  # both samples score alike: GRPO advantage exactly 0
+            t.reward = 1.0
+    return trajs
+
+
+@pytest.mark.parametrize("inert", [(0, 2), (0, 1, 2, 3)])
+def test_skipping_inert_rows_gives_the_same_update(tiny_qwen2, inert):
+    """Zero-advantage trajectories left out of the update (trainer.skip_inert_rows) change
+    nothing: the normaliser still counts their tokens and the optimiser still steps (Adam
+    moves weights on zero gradients too once it has momentum, so two steps are taken)."""
+    sets = ("trainer.mini_batch_size=8", "trainer.micro_batch_size=2",
+            "algorithm.kl_coef=0", "algorithm.entropy_coef=0")  # fmt: skip
+    after, fracs = [], []
+    for skip in ("true", "false"):
+        tr = RLTrainer(tiny_cfg("grpo", *sets, f"trainer.skip_inert_rows={skip}"),
+                       model_path=tiny_qwen2)  # fmt: skip
+        assert tr.skip_inert == (skip == "true")
+        tr.step_on(hand_trajectories(tr.tokenizer, n_prompts=4, n_samples=2))
+        m = tr.step_on(_inert_groups(tr.tokenizer, inert))
+        after.append(_snapshot(tr.policy))
+        fracs.append(m["perf/update_rows_frac"])
+    live = 8 - 2 * len(inert)
+    assert fracs == [max(live, 1) / 8, 1.0]
+    for n in after[0]:
+        torch.testing.assert_close(after[0][n], after[1][n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("algorithm.kl_coef=0.05", "algorithm.entropy_coef=0"),
+        ("algorithm.kl_coef=0", "algorithm.entropy_coef=0.01"),
+    ],
+)
+def test_inert_rows_are_computed_when_another_term_sees_them(tiny_qwen2, sets):
+    """A KL or entropy term has a gradient at zero advantage: nothing is skipped."""
+    tr = RLTrainer(tiny_cfg("grpo", "trainer.mini_batch_size=8", *sets), model_path=tiny_qwen2)
+    assert not tr.skip_inert
+    m = tr.step_on(_inert_groups(tr.tokenizer, (0, 1)))
+    assert m["perf/update_rows_frac"] == 1.0
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_micro_batching_in_length_order_gives_the_same_update(tiny_qwen2, algo):
+    """Micro-batches of 2 rows in length order (old, reference and value passes and the
+    update) give one 8-row micro-batch's update and metrics: the order only sums differently."""
+    out = []
+    for micro in (8, 2):
+        tr = RLTrainer(
+            tiny_cfg(algo, "trainer.mini_batch_size=8", f"trainer.micro_batch_size={micro}",
+                     "trainer.reuse_old_logprobs=false", "algorithm.kl_coef=0.05"),
+            model_path=tiny_qwen2,
+        )  # fmt: skip
+        m = tr.step_on(hand_trajectories(tr.tokenizer, n_prompts=4, n_samples=2))
+        out.append((_snapshot(tr.policy), m))
+    (a, ma), (b, mb) = out
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-3)  # 1% of an Adam step
+    for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm"):
+        assert mb[k] == pytest.approx(ma[k], rel=1e-4, abs=1e-6), k
