@@ -700,7 +700,7 @@ def inert_rows(advantages: Tensor, mask: Tensor) -> Tensor:
     advantages, mask: ``(B, R)``. Under a policy loss in :data:`ZERO_AT_ZERO_ADVANTAGE`, with
     no KL, entropy or value term, such a row contributes exactly nothing to the gradient (it
     still counts in the loss normaliser)."""
-    return ((advantages != 0) & (mask > 0)).sum(-1) == 0
+    return ~((advantages != 0) & (mask > 0)).any(-1)
 
 
 def policy_loss(
