@@ -25,7 +25,12 @@ action notice: the shape (turns, lengths, retrieval calls on valid turns) is the
 the behaviour is an untrained model's. Pass ``--model`` an SFT checkpoint for trained
 behaviour.
 
-Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm-process,vllm-process-async]``
+``--fixed-updates N`` also times, per setup, the update alone on one fixed batch (gold search
+trajectories, the same tokens in every setup) N times with the setup's engine open and idle
+beside it (``fixed_batch``; its ratio to ``hf`` in ``ratios``): the per-step update rates vary
+with each setup's own samples, this one does not.
+
+Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm-process,vllm-process-async] [--fixed-updates 6]``
 """
 
 from __future__ import annotations
@@ -133,7 +138,63 @@ def rows_for(prep: dict[str, Any], cfg: Any, tok: Any, n: int) -> list[dict[str,
     return out
 
 
-def run_setup(name: str, prep: dict[str, Any], steps: int) -> dict[str, Any]:
+def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: int) -> dict:
+    """The update alone on one fixed batch, ``n`` times (the first a warm-up), with the setup's
+    engine open and idle beside it: identical work in every setup, so the update's tokens/s
+    compare setups without the noise of their different samples (lengths, inert rows).
+
+    The batch: each of ``trainer.prompts_per_step`` questions' gold search trajectory
+    (``sr1.train.sft.gold_trajectory``: the real retrieved block, mask 0), repeated
+    ``rollout.n_samples`` times as one group, rewards alternating 1/0 so every row has a
+    nonzero advantage. Tokens: prompt + response of every row (as ``perf/update_tokens_per_s``).
+    """
+    import dataclasses
+
+    from sr1.rollout.placement import open_engine
+    from sr1.train.sft import gold_trajectory
+    from sr1.train.trainer import RLTrainer
+
+    trainer = RLTrainer(cfg, prep["model_path"])
+    k, g = cfg.trainer.prompts_per_step, cfg.rollout.n_samples
+    trajs = []
+    for gi, row in enumerate(rows[:k]):
+        t = gold_trajectory(row, trainer.tokenizer, retriever, cfg)
+        for j in range(g):
+            trajs.append(dataclasses.replace(t, group=gi, reward=float(j % 2)))
+    tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    rc = cfg.rollout
+    inprocess = not rc.engine_url and rc.placement == "inprocess"
+    secs = []
+    with (
+        tempfile.TemporaryDirectory() as log_dir,
+        open_engine(
+            cfg,
+            trainer.engine_model() if inprocess else trainer.model,
+            trainer.tokenizer,
+            device="cpu",
+            dtype=cfg.model.dtype,
+            weights=None if inprocess else (lambda: trainer.engine_weights(full=True)),
+            version=0,
+            log_dir=Path(log_dir),
+        ),
+    ):
+        for i in range(n):
+            batch = trainer.prepare_batch(trajs)
+            t0 = time.perf_counter()
+            trainer.update(batch, i + 1)
+            secs.append(time.perf_counter() - t0)
+    timed = secs[1:] or secs
+    return {
+        "updates_timed": len(timed),
+        "rows": len(trajs),
+        "tokens": tokens,
+        "update_s": [round(x, 3) for x in secs],
+        "update_s_median": round(statistics.median(timed), 3),
+        "update_tokens_per_s": round(tokens / statistics.median(timed), 1),
+    }
+
+
+def run_setup(name: str, prep: dict[str, Any], steps: int, fixed: int = 0) -> dict[str, Any]:
     """One setup in this process: ``steps`` training steps; the metrics of steps 2..N."""
     from sr1 import models
     from sr1.config import resolve_config
@@ -168,6 +229,8 @@ def run_setup(name: str, prep: dict[str, Any], steps: int) -> dict[str, Any]:
         if vals:
             out[k] = round(statistics.mean(vals), 3)
     out["per_step"] = [{k: round(s[m], 3) for k, m in KEYS.items() if m in s} for s in per_step]
+    if fixed > 0:
+        out["fixed_batch"] = fixed_update(cfg, prep, rows, retriever, fixed)
     return out
 
 
@@ -177,6 +240,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="Steps per setup (the first is warm-up).")
     ap.add_argument("--setups", default=",".join(SETUPS))
     ap.add_argument("--home", default=None, help="SR1_HOME to use (default: a new temp dir).")
+    ap.add_argument(
+        "--fixed-updates",
+        type=int,
+        default=0,
+        help="Also time the update alone on one fixed batch this many times per setup (the "
+        "first a warm-up), the setup's engine idle beside it: the same work in every setup.",
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: run one setup
     ap.add_argument("--prep", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -185,7 +255,7 @@ def main() -> None:
 
     if args.one:  # a child: one setup, its JSON on stdout
         prep = json.loads(args.prep)
-        print(json.dumps(run_setup(args.one, prep, args.steps)))
+        print(json.dumps(run_setup(args.one, prep, args.steps, args.fixed_updates)))
         return
 
     home = Path(args.home or tempfile.mkdtemp(prefix="sr1-bench-rl-step-"))
@@ -207,7 +277,7 @@ def main() -> None:
         log(f"setup {name} ...")
         t0 = time.perf_counter()
         cmd = [sys.executable, __file__, "--one", name, "--prep", json.dumps(prep)]
-        cmd += ["--steps", str(args.steps)]
+        cmd += ["--steps", str(args.steps), "--fixed-updates", str(args.fixed_updates)]
         p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
         if p.returncode != 0:
             result["setups"][name] = {"error": f"exit code {p.returncode} (see stderr)"}
@@ -226,6 +296,12 @@ def main() -> None:
                 r["update_tokens_per_s"] / base["update_tokens_per_s"], 3
             ),
         }
+    fb = base.get("fixed_batch")
+    for name, r in result["setups"].items():
+        if name != "hf" and fb and "fixed_batch" in r and name in ratios:
+            ratios[name]["fixed_batch_update_tokens_per_s_over_hf"] = round(
+                r["fixed_batch"]["update_tokens_per_s"] / fb["update_tokens_per_s"], 3
+            )
     result["ratios"] = ratios
     vp = ratios.get("vllm-process")
     if vp:
@@ -236,6 +312,10 @@ def main() -> None:
             )
             <= 0.05,
         }
+        if "fixed_batch_update_tokens_per_s_over_hf" in vp:
+            result["targets"]["vllm_process_fixed_batch_update_within_5pct_of_hf"] = (
+                abs(vp["fixed_batch_update_tokens_per_s_over_hf"] - 1) <= 0.05
+            )
     print(json.dumps(result, indent=2))
 
 
