@@ -150,7 +150,6 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
     """
     import dataclasses
 
-    from sr1.rollout.placement import open_engine
     from sr1.train.sft import gold_trajectory
     from sr1.train.trainer import RLTrainer
 
@@ -162,22 +161,9 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
         for j in range(g):
             trajs.append(dataclasses.replace(t, group=gi, reward=float(j % 2)))
     tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
-    rc = cfg.rollout
-    inprocess = not rc.engine_url and rc.placement == "inprocess"
     secs = []
-    with (
-        tempfile.TemporaryDirectory() as log_dir,
-        open_engine(
-            cfg,
-            trainer.engine_model() if inprocess else trainer.model,
-            trainer.tokenizer,
-            device="cpu",
-            dtype=cfg.model.dtype,
-            weights=None if inprocess else (lambda: trainer.engine_weights(full=True)),
-            version=0,
-            log_dir=Path(log_dir),
-        ),
-    ):
+    # the setup's engine, opened as training opens it, idle while the updates are timed
+    with tempfile.TemporaryDirectory() as log_dir, trainer.open_engine(Path(log_dir), version=0):
         for i in range(n):
             batch = trainer.prepare_batch(trajs)
             t0 = time.perf_counter()

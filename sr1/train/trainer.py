@@ -513,6 +513,29 @@ class RLTrainer:
             return named_weights(merged_copy(self.model))
         return named_weights(self.model, trainable_only=not full)
 
+    def open_engine(
+        self, log_dir: Path, version: int, send: bool = True
+    ) -> contextlib.AbstractContextManager[Any]:
+        """The rollout engine for this policy (``rollout.placement`` / ``rollout.engine_url``):
+        in-process on the policy module itself, or outside this process with the weights of
+        ``version`` pushed first (``send``: this rank pushes); closed on exit (an engine
+        process sr1 started is stopped)."""
+        from sr1.rollout.placement import open_engine
+
+        dev, rc = self.acc.device, self.cfg.rollout
+        inprocess = not rc.engine_url and rc.placement == "inprocess"
+        return open_engine(
+            self.cfg,
+            self.engine_model() if inprocess else self.model,
+            self.tokenizer,
+            device="cpu" if dev.type == "cpu" else str(dev),
+            dtype=self.cfg.model.dtype,
+            weights=None if inprocess else (lambda: self.engine_weights(full=True)),
+            version=version,
+            log_dir=log_dir,
+            send=send,
+        )
+
     @contextlib.contextmanager
     def rollouts(
         self,
@@ -527,24 +550,13 @@ class RLTrainer:
         """The engine (``rollout.placement`` / ``rollout.engine_url``; the weights of version
         ``start`` pushed to one outside this process) and the steps' rollouts over it, both
         closed on exit (an engine process sr1 started is stopped)."""
-        from sr1.rollout.placement import engine_died_hint, open_engine
+        from sr1.rollout.placement import engine_died_hint
 
         acc, rc = self.acc, self.cfg.rollout
-        inprocess = not rc.engine_url and rc.placement == "inprocess"
         shared = bool(rc.engine_url) and acc.num_processes > 1  # one server for every rank
         log_dir = run.dir if acc.num_processes == 1 else run.dir / f"rank-{acc.process_index}"
         with (
-            open_engine(
-                self.cfg,
-                self.engine_model() if inprocess else self.model,
-                self.tokenizer,
-                device="cpu" if acc.device.type == "cpu" else str(acc.device),
-                dtype=self.cfg.model.dtype,
-                weights=None if inprocess else (lambda: self.engine_weights(full=True)),
-                version=start,
-                log_dir=log_dir,
-                send=acc.is_main_process or not shared,
-            ) as engine,
+            self.open_engine(log_dir, start, send=acc.is_main_process or not shared) as engine,
             StepRollouts(
                 engine,
                 env,
