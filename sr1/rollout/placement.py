@@ -322,6 +322,24 @@ def open_engine(
         yield engine
 
 
+def engine_dtype_report(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The weights dtype an engine that loads its own model (eval, rollout, vLLM or any engine
+    outside the trainer's process) runs: :func:`sr1.models.dtype_report` of ``model.dtype`` on
+    the engine's device (``rollout.engine_device`` for placement=process), not the training
+    dtype (``auto`` is bf16 on a CPU that runs it natively, where sr1 train and sr1 sft keep
+    fp32 weights). A served engine (``rollout.engine_url``) decides its own: recorded as such.
+    """
+    from sr1.models import dtype_report
+
+    rc = cfg.rollout
+    if rc.engine_url:
+        return {"requested": cfg.model.dtype, "resolved": None, "engine_url": rc.engine_url}
+    device = cfg.model.device
+    if rc.placement == "process" and rc.engine_device:
+        device = rc.engine_device
+    return dtype_report(cfg.model.dtype, device)
+
+
 def engine_died_hint(e: EngineError, run_id: str) -> Sr1Error:
     """``e`` re-raised for a train run: the last checkpoint is kept, ``--resume`` continues."""
     return Sr1Error(
@@ -330,4 +348,4 @@ def engine_died_hint(e: EngineError, run_id: str) -> Sr1Error:
     )
 
 
-__all__ = ["EngineDied", "EngineError", "EngineProcess", "open_engine"]
+__all__ = ["EngineDied", "EngineError", "EngineProcess", "engine_dtype_report", "open_engine"]

@@ -496,6 +496,17 @@ class RLTrainer:
         rc = self.cfg.rollout
         return rc.engine == "hf" and not rc.engine_url and rc.placement == "inprocess"
 
+    def engine_dtype(self) -> str | None:
+        """The weights dtype the rollout engine runs: the policy's own for the in-process HF
+        engine (it runs the policy module), else ``model.dtype`` resolved for inference on the
+        engine's device (``auto``: bf16 on a CPU that runs it natively, while the policy
+        trains in fp32); None for a served engine (``rollout.engine_url``), which decides."""
+        from sr1.rollout.placement import engine_dtype_report
+
+        if self._inprocess_hf():
+            return str(self.dtype).removeprefix("torch.")
+        return engine_dtype_report(self.cfg)["resolved"]
+
     def engine_model(self) -> torch.nn.Module:
         """The module an in-process engine runs: the policy itself, or a merged copy under LoRA
         for engines that cannot run adapters (the in-process HF engine runs the PEFT module)."""
@@ -906,6 +917,7 @@ def train(
                     "per_rank_mini_batch": trainer.rank_mini_batch,
                     "n_train_rows": len(rows),
                     "dtype": str(trainer.dtype).removeprefix("torch."),
+                    "engine_dtype": trainer.engine_dtype(),
                     "mixed_precision": cfg.trainer.mixed_precision,
                     "mixed_precision_resolved": models.resolve_mixed_precision(
                         cfg.trainer.mixed_precision, str(trainer.acc.device)

@@ -45,6 +45,27 @@ def test_override_and_explicit_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
         models.pick_dtype("int4", "cpu")
 
 
+def test_engines_generate_in_bf16_where_training_keeps_fp32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``model.dtype: auto`` on a CPU that runs bf16 natively: an engine that loads its own
+    weights (eval, vLLM, an engine process) runs bf16 while sr1 train/sft keep fp32 weights;
+    what it ran is recorded (:func:`engine_dtype_report`), a served engine's is not known."""
+    from sr1.config import resolve_config
+    from sr1.rollout.placement import engine_dtype_report
+
+    monkeypatch.setenv(models.CPU_BF16_ENV, "1")
+    cfg = resolve_config(None, ["model.dtype=auto", "model.device=cpu"])
+    assert engine_dtype_report(cfg)["resolved"] == "bfloat16"
+    assert models.dtype_report("auto", "cpu", training=True)["resolved"] == "float32"
+    pinned = resolve_config(None, ["model.dtype=float32", "model.device=cpu"])
+    assert engine_dtype_report(pinned)["resolved"] == "float32"
+    served = resolve_config(None, ["rollout.engine_url=http://127.0.0.1:9"])
+    assert engine_dtype_report(served)["resolved"] is None
+    monkeypatch.setenv(models.CPU_BF16_ENV, "0")
+    assert engine_dtype_report(cfg)["resolved"] == "float32"
+
+
 def test_proc_cpuinfo_flags_are_parsed(tmp_path: Path) -> None:
     p = tmp_path / "cpuinfo"
     p.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\n")

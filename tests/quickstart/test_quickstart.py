@@ -103,6 +103,8 @@ def test_reduced_quickstart_end_to_end_and_rerun_skips(
     # what model.dtype ran as (tests pin SR1_CPU_BF16=0: fp32 on every CPU)
     assert store.get_run(rows[3]["run_id"])["params"]["dtype"]["resolved"] == "float32"
     assert store.get_run(out["sft_run"])["params"]["dtype"]["training"] is True
+    train_params = store.get_run(out["train_run"])["params"]
+    assert (train_params["dtype"], train_params["engine_dtype"]) == ("float32", "float32")
     kinds = {rid: store.get_run(rid)["kind"] for rid in (out["train_run"], out["sft_run"])}
     assert kinds == {out["train_run"]: "train", out["sft_run"]: "sft"}
     assert store.get_run(out["train_run"])["status"] == "finished"

@@ -303,3 +303,23 @@ def test_micro_batching_in_length_order_gives_the_same_update(tiny_qwen2, algo):
         torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-3)  # 1% of an Adam step
     for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm"):
         assert mb[k] == pytest.approx(ma[k], rel=1e-4, abs=1e-6), k
+
+
+def test_engine_dtype_is_bf16_for_own_weights_and_the_policys_for_inprocess_hf(
+    tiny_qwen2, monkeypatch
+):
+    """``model.dtype: auto`` on a bf16-native CPU (forced by SR1_CPU_BF16=1): the policy trains
+    fp32; an engine that loads its own weights (vLLM, an engine process) runs bf16, the
+    in-process HF engine runs the policy module itself (fp32). What a train run records."""
+    from sr1 import models
+
+    monkeypatch.setenv(models.CPU_BF16_ENV, "1")
+    for sets, want in (
+        (["rollout.engine=hf", "rollout.placement=inprocess"], "float32"),
+        (["rollout.engine=vllm", "rollout.placement=process"], "bfloat16"),
+        (["rollout.engine=vllm", "rollout.placement=inprocess"], "bfloat16"),
+        (["rollout.engine_url=http://127.0.0.1:9"], None),
+    ):
+        tr = RLTrainer(tiny_cfg("grpo", "model.dtype=auto", *sets), model_path=tiny_qwen2)
+        assert tr.dtype == torch.float32, sets
+        assert tr.engine_dtype() == want, sets
