@@ -15,7 +15,7 @@ vLLM in-process turns `torch.set_num_threads` into a no-op for its whole process
   weights pushed through /dev/shm after every update;
 - ``vllm-process-async``: the same with `trainer.async_steps=1` (one-step-off).
 
-Weights: ``model.dtype`` of the config (the quickstart's ``auto``): engines that load their own
+Weights: ``model.dtype`` of the config, or ``--dtype``; with ``auto`` engines that load their own
 weights (vLLM here) run bf16 where the CPU runs it natively, the in-process HF engine runs the
 trainer's fp32 module; each setup's ``engine_dtype`` says which ran, ``cpu`` the CPU's bf16 flags.
 
@@ -34,7 +34,7 @@ trajectories, the same tokens in every setup) N times with the setup's engine op
 beside it (``fixed_batch``; its ratio to ``hf`` in ``ratios``): the per-step update rates vary
 with each setup's own samples, this one does not.
 
-Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm-process,vllm-process-async] [--fixed-updates 6]``
+Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm-process,vllm-process-async] [--fixed-updates 6] [--dtype auto]``
 """
 
 from __future__ import annotations
@@ -184,7 +184,9 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
     }
 
 
-def run_setup(name: str, prep: dict[str, Any], steps: int, fixed: int = 0) -> dict[str, Any]:
+def run_setup(
+    name: str, prep: dict[str, Any], steps: int, fixed: int = 0, dtype: str | None = None
+) -> dict[str, Any]:
     """One setup in this process: ``steps`` training steps; the metrics of steps 2..N."""
     from sr1 import models
     from sr1.config import resolve_config
@@ -198,6 +200,7 @@ def run_setup(name: str, prep: dict[str, Any], steps: int, fixed: int = 0) -> di
         "tracking.experiment=bench-rl-step",
         *SHAPE,
         *SETUPS[name],
+        *([f"model.dtype={dtype}"] if dtype else []),
     ]
     cfg = resolve_config(REPO / "experiments" / "quickstart.yaml", sets)
     tok = models.load_tokenizer(prep["model_path"])
@@ -245,6 +248,13 @@ def main() -> None:
         help="Also time the update alone on one fixed batch this many times per setup (the "
         "first a warm-up), the setup's engine idle beside it: the same work in every setup.",
     )
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=("auto", "float32", "bfloat16"),
+        help="model.dtype for every setup (default: the config's); auto = bf16 engines where "
+        "the CPU runs bf16 natively, the trainer's weights fp32 either way.",
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: run one setup
     ap.add_argument("--prep", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -253,7 +263,7 @@ def main() -> None:
 
     if args.one:  # a child: one setup, its JSON on stdout
         prep = json.loads(args.prep)
-        print(json.dumps(run_setup(args.one, prep, args.steps, args.fixed_updates)))
+        print(json.dumps(run_setup(args.one, prep, args.steps, args.fixed_updates, args.dtype)))
         return
 
     home = Path(args.home or tempfile.mkdtemp(prefix="sr1-bench-rl-step-"))
@@ -265,6 +275,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "model": args.model,
         "config": "experiments/quickstart.yaml",
+        "model_dtype": args.dtype or "(the config's)",
         "trajectories_per_step": "4 prompts x 4 samples",
         "index": prep["index"],
         "questions": "nq train (shared data)" if prep["questions"] else "synthetic world",
@@ -279,6 +290,7 @@ def main() -> None:
         t0 = time.perf_counter()
         cmd = [sys.executable, __file__, "--one", name, "--prep", json.dumps(prep)]
         cmd += ["--steps", str(args.steps), "--fixed-updates", str(args.fixed_updates)]
+        cmd += ["--dtype", args.dtype] if args.dtype else []
         p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
         if p.returncode != 0:
             result["setups"][name] = {"error": f"exit code {p.returncode} (see stderr)"}

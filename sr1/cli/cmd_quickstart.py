@@ -104,7 +104,8 @@ def quickstart_cmd(
     model (quickstart.baselines: direct and rag), SFT warm-start, evaluate it (search, rag), RL
     (GRPO) from it, evaluate that with search, and print the comparison with a paired test of
     RL vs SFT. Rollouts and evals run on vLLM in its own process (rollout.placement=process;
-    bf16 weights where the CPU runs bf16 natively, model.dtype=auto; SFT and RL train fp32);
+    `--set model.dtype=auto` gives them bf16 weights where the CPU runs bf16 natively, while SFT
+    and RL keep training fp32: faster, see README);
     `--set rollout.engine=hf --set rollout.placement=inprocess` uses the HF engine instead.
 
     Every stage is an ordinary run (see `sr1 runs list`, `sr1 report`); re-running skips the
