@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -63,8 +64,7 @@ def main() -> None:
     log(f"fetching {args.model} into {os.environ['SR1_HOME']}")
     path = str(models.fetch(args.model))
     tok = models.load_tokenizer(path)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, len(tok) - 100, (args.batch, args.prompt), generator=g)  # (B, P)
+    ids = torch.tensor(_prompt_ids(len(tok), args.batch, args.prompt))  # (B, P)
     attn = torch.ones_like(ids)  # (B, P)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     loaded = {k: models.load_model(path, dtype=k, device="cpu").eval() for k in dtypes}
@@ -94,27 +94,32 @@ def main() -> None:
             f"repeat {r + 1}/{args.repeats}: "
             + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
         )
+    head = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__}
+    print_result(args, times, head)
+
+
+def print_result(
+    args: argparse.Namespace, times: dict[str, list[float]], head: dict[str, Any]
+) -> None:
+    """The JSON document: the run's shape, ``head`` (engine-specific keys), what ``auto`` picks
+    here, every timing, medians, sampled tokens/s and the bf16 speed-up (fp32 / bf16 median)."""
+    from sr1 import models
+
     med = {k: statistics.median(v) for k, v in times.items()}
     n_new = args.batch * args.new
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "batch": args.batch,
-                "prompt_tokens": args.prompt,
-                "new_tokens": args.new,
-                "threads": args.threads,
-                "repeats": args.repeats,
-                "torch": torch.__version__,
-                "auto": models.dtype_report("auto", "cpu"),
-                "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
-                "median_s": {k: round(v, 3) for k, v in med.items()},
-                "new_tokens_per_s": {k: round(n_new / v, 1) for k, v in med.items()},
-                "bf16_speedup": round(med["float32"] / med["bfloat16"], 3),
-            },
-            indent=2,
-        )
-    )
+    out = {
+        "model": args.model,
+        "batch": args.batch,
+        "prompt_tokens": args.prompt,
+        "new_tokens": args.new,
+        **head,
+        "auto": models.dtype_report("auto", "cpu"),
+        "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "median_s": {k: round(v, 3) for k, v in med.items()},
+        "new_tokens_per_s": {k: round(n_new / v, 1) for k, v in med.items()},
+        "bf16_speedup": round(med["float32"] / med["bfloat16"], 3),
+    }
+    print(json.dumps(out, indent=2))
 
 
 def _prompt_ids(vocab: int, batch: int, prompt: int) -> list[list[int]]:
@@ -165,27 +170,8 @@ def vllm_main(args: argparse.Namespace) -> None:
             out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
             times[dtype] += json.loads(out.strip().splitlines()[-1])["seconds"]
             log(f"round {r + 1}/{args.rounds} {dtype}: {times[dtype][-1]:.2f} s")
-    med = {k: statistics.median(v) for k, v in times.items()}
-    n_new = args.batch * args.new
-    print(
-        json.dumps(
-            {
-                "engine": "vllm",
-                "model": args.model,
-                "batch": args.batch,
-                "prompt_tokens": args.prompt,
-                "new_tokens": args.new,
-                "rounds": args.rounds,
-                "repeats_per_round": args.repeats,
-                "auto": models.dtype_report("auto", "cpu"),
-                "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
-                "median_s": {k: round(v, 3) for k, v in med.items()},
-                "new_tokens_per_s": {k: round(n_new / v, 1) for k, v in med.items()},
-                "bf16_speedup": round(med["float32"] / med["bfloat16"], 3),
-            },
-            indent=2,
-        )
-    )
+    head = {"rounds": args.rounds, "repeats_per_round": args.repeats}
+    print_result(args, times, {"engine": "vllm", **head})
 
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ def run_setup(
     from sr1 import models
     from sr1.config import resolve_config
     from sr1.retrieval import open_retriever
-    from sr1.rollout.placement import engine_dtype_report
+    from sr1.tracking.store import Store
     from sr1.train.trainer import train
 
     sets = [
@@ -217,13 +217,9 @@ def run_setup(
         "steps_timed": len(timed),
         "wall_s_incl_startup": round(wall, 1),
         "startup_s": round(wall - sum(s["time/step_s"] for s in per_step), 1),
-        # the in-process HF engine runs the policy module (fp32 weights on CPU); the others
-        # load their own weights in model.dtype (auto: bf16 where the CPU runs it natively)
-        "engine_dtype": (
-            models.dtype_report(cfg.model.dtype, "cpu", training=True)["resolved"]
-            if name == "hf"
-            else engine_dtype_report(cfg)["resolved"]
-        ),
+        # what the train run recorded (RLTrainer.engine_dtype): the in-process HF engine runs
+        # the policy module (fp32 on CPU), the others model.dtype (auto: bf16 where native)
+        "engine_dtype": Store().get_run(res["run_id"])["params"]["engine_dtype"],
     }
     for k, m in KEYS.items():
         vals = [s[m] for s in timed if m in s]
