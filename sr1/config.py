@@ -544,6 +544,21 @@ class TrainerConfig(_Section):
     sft_epochs: int = opt(2, "SFT warm-start epochs.", ge=1)
     sft_lr: float = opt(1e-4, "SFT learning rate.", gt=0, le=1)
     sft_examples: int = opt(256, "Training questions turned into SFT trajectories.", ge=1)
+    sft_supported_only: bool = opt(
+        True,
+        "Warm-start only on questions whose gold retrieval shows every key the trajectory "
+        "quotes (the bridge, then a gold answer), taking further questions in the data order "
+        "until there are sft_examples; False keeps every question, and a trajectory whose "
+        "documents miss the key then names it anyway (teaching the policy to guess).",
+    )
+    sft_multi_search_share: float | None = opt(
+        None,
+        "Most share of the warm-start's trajectories that search more than once (multi-hop "
+        "questions); further ones are passed over in the data order. Small values leave "
+        "multi-turn search for RL to discover. None = as the data comes.",
+        ge=0,
+        le=1,
+    )
     sft_batch_size: int | None = opt(
         None,
         "SFT examples per optimiser update (in micro-batches of micro_batch_size). None = "

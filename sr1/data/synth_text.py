@@ -287,7 +287,7 @@ def questions(w: dict[str, list[Entity]], pid: dict[str, str], rng: random.Rando
             rng.choice([f"Who founded {o.name}?", f"Who is the founder of {o.name}?"]),
             [f.name],
             o.name,
-            [f"founder of {o.name}"],
+            [f"{o.name} founded established by"],
             [o.name],
         )
         q(
@@ -295,7 +295,7 @@ def questions(w: dict[str, list[Entity]], pid: dict[str, str], rng: random.Rando
             rng.choice([f"In which city is {o.name} headquartered?", f"Where is {o.name} based?"]),
             [a["hq"]],
             o.name,
-            [f"{o.name} headquarters"],
+            [f"{o.name} headquarters based"],
             [o.name],
         )
         q(
@@ -303,7 +303,7 @@ def questions(w: dict[str, list[Entity]], pid: dict[str, str], rng: random.Rando
             rng.choice([f"In what year was {o.name} founded?", f"When was {o.name} established?"]),
             [str(a["year"])],
             o.name,
-            [f"{o.name} founded year"],
+            [f"{o.name} founded established"],
             [o.name],
         )
         q(
@@ -311,7 +311,7 @@ def questions(w: dict[str, list[Entity]], pid: dict[str, str], rng: random.Rando
             f"Which company did {f.name} found?",
             [o.name],
             f.name,
-            [f"company founded by {f.name}"],
+            [f"company founded established by {f.name}"],
             [o.name],
         )
         q(
@@ -319,7 +319,7 @@ def questions(w: dict[str, list[Entity]], pid: dict[str, str], rng: random.Rando
             f"In which city was the founder of {o.name} born?",
             [f.attrs["birth_city"]],
             o.name,
-            [f"founder of {o.name}", f"{f.name} birthplace"],
+            [f"{o.name} founded established by", f"{f.name} birthplace"],
             [o.name, f.name],
             bridge=f.name,
         )
@@ -328,7 +328,7 @@ def questions(w: dict[str, list[Entity]], pid: dict[str, str], rng: random.Rando
             f"In what year was the founder of {o.name} born?",
             [str(f.attrs["birth_year"])],
             o.name,
-            [f"founder of {o.name}", f"{f.name} born year"],
+            [f"{o.name} founded established by", f"{f.name} born year"],
             [o.name, f.name],
             bridge=f.name,
         )
@@ -337,7 +337,7 @@ def questions(w: dict[str, list[Entity]], pid: dict[str, str], rng: random.Rando
             f"Which river flows through the city where {o.name} is headquartered?",
             river_answers(city[a["hq"]].attrs["river"]),
             o.name,
-            [f"{o.name} headquarters", f"{a['hq']} river"],
+            [f"{o.name} headquarters based", f"{a['hq']} river"],
             [o.name, a["hq"]],
             bridge=a["hq"],
         )

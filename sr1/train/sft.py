@@ -14,6 +14,7 @@ the masked token-mean NLL over policy tokens only (the same :func:`agg_loss`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import signal
 import time
@@ -25,19 +26,25 @@ import torch
 from sr1 import models
 from sr1.algos import core
 from sr1.config import ExperimentConfig, to_dict
+from sr1.errors import Sr1Error
 from sr1.progress import ProgressFactory
 from sr1.progress import resolve as resolve_progress
 from sr1.rollout.types import Trajectory
 from sr1.train.batch import collate, length_order, response_forward
 from sr1.train.checkpoint import save_checkpoint
 
-FIRST_THINK = "<think> I need to find {q}. </think>\n<search> {q} </search>"
-# a multi-hop question's first turn says the plan up front: its first token after <think>
-# is where the policy decides how many searches the question needs (measured: without it a
-# 32-update warm-start searched twice on 24% of single-hop and 27% of two-hop questions)
-PLAN_THINK = "<think> This takes {n} searches. I need to find {q}. </think>\n<search> {q} </search>"
-NEXT_THINK = "<think> {evidence} Next I need {q}. </think>\n<search> {q} </search>"
-ANSWER = "<think> {evidence} </think>\n<answer> {a} </answer>"
+# Every turn says where the plan stands, so each decision sits next to what it depends on:
+# the first think states how many searches the question takes (its first token after <think>
+# is the decision, conditioned on the question alone), and every think after a search opens
+# with "Search i of n done." (search again while i < n, else answer). Measured on the CPU
+# quickstart: without the plan a 32-update warm-start searched twice on 24% of single-hop and
+# 27% of two-hop questions; with the plan but no count it planned two searches on 75 of 100
+# two-hop questions and made them on 16.
+PLAN_THINK = "<think> This takes {n}. </think>\n<search> {q} </search>"
+NEXT_THINK = "<think> Search {i} of {n} done. {evidence} </think>\n<search> {q} </search>"
+ANSWER = "<think> Search {i} of {n} done. {evidence} </think>\n<answer> {a} </answer>"
+# rollout.max_turns=0 (no search allowed): the answer alone, nothing quoted from documents
+DIRECT_ANSWER = "<think> This takes no search. </think>\n<answer> {a} </answer>"
 NO_EVIDENCE = "The documents do not say it directly."
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _CLAUSE = re.compile(r"[,;]\s+")
@@ -82,11 +89,14 @@ def gold_trajectory(
 ) -> Trajectory:
     """A well-formed trajectory for ``row`` with real retrieval (mask 0 on inserted blocks).
 
-    Policy turns: ``<think> I need to find q1 </think><search> q1 </search>`` (with several
-    gold queries the think starts ``This takes N searches.``); after each
-    information block, a think that quotes the retrieved sentence holding the next step's key
-    (``metadata["bridge"]`` before the next search, a gold answer before answering), then the
-    next search or ``<answer> gold </answer>``.
+    Policy turns: ``<think> This takes N search(es). </think><search> q1 </search>``; after
+    the i-th information block a think that opens ``Search i of N done.`` and quotes the
+    retrieved clause holding the next step's key (``metadata["bridge"]`` before the next
+    search, a gold answer before answering), then the next search or ``<answer> gold
+    </answer>`` (with ``rollout.max_turns=0``, :data:`DIRECT_ANSWER`).
+    ``metrics["gold_supported"]`` says whether every quoted key was in the
+    retrieved passages (else the quote is :data:`NO_EVIDENCE` and the next query or the
+    answer names something the documents did not show).
     """
     from sr1.envs.base import Action
     from sr1.envs.search import SearchEnv
@@ -114,32 +124,80 @@ def gold_trajectory(
     bridge = [str(meta["bridge"])] if meta.get("bridge") else []
     golds = [str(a) for a in row["golden_answers"]]
     queries = gold_queries(row, cfg.rollout.max_turns)
+    n = len(queries)
+    supported = True
     passages: list[Any] = []
     turn = ""
     for i, q in enumerate(queries):
         if i == 0:
-            many = len(queries) > 1
-            turn = PLAN_THINK.format(n=len(queries), q=q) if many else FIRST_THINK.format(q=q)
+            turn = PLAN_THINK.format(n=plural(n, "search"), q=q)
         else:
-            turn = NEXT_THINK.format(q=q, evidence=evidence(passages, bridge or golds)[0])
+            sent, found = evidence(passages, bridge or golds)
+            supported = supported and found is not None
+            turn = NEXT_THINK.format(i=i, n=n, evidence=sent, q=q)
         say(turn)
         (obs,) = env.execute([Action("search", q)])
         passages = obs.info["passages"]
         state.append(env.observation_ids(tokenizer, obs, cfg.rollout.max_obs_length, turn), OBS)
         state.observe(env, obs)
-    # longest gold first, so "Poste River" is preferred to "Poste" when the text has both
-    sent, found = evidence(passages, sorted(golds, key=len, reverse=True))
-    answer = found if found is not None else golds[0]
-    if found is not None:  # the answer as the passage spells it
-        k = sent.lower().index(found.lower())
-        answer = sent[k : k + len(found)]
-    final = enc(ANSWER.format(evidence=sent, a=answer))
+    if n == 0:  # no search to quote from: nothing the documents must show
+        final = enc(DIRECT_ANSWER.format(a=golds[0]))
+    else:
+        # longest gold first, so "Poste River" is preferred to "Poste" when the text has both
+        sent, found = evidence(passages, sorted(golds, key=len, reverse=True))
+        supported = supported and found is not None
+        answer = found if found is not None else golds[0]
+        if found is not None:  # the answer as the passage spells it
+            k = sent.lower().index(found.lower())
+            answer = sent[k : k + len(found)]
+        final = enc(ANSWER.format(i=n, n=n, evidence=sent, a=answer))
     if tokenizer.eos_token_id is not None:
         final.append(int(tokenizer.eos_token_id))
     state.append(final, GEN, [0.0] * len(final))
     state.finish("answer")
     finalize(state, tokenizer, opts=cfg.scoring.options(), default_task=cfg.scoring.default_task)
+    state.t.metrics["gold_supported"] = supported
     return state.t
+
+
+def plural(n: int, word: str) -> str:
+    """``1 search``, ``2 searches``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith(('s', 'ch')) else 's'}"
+
+
+def gold_trajectories(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, retriever: Any, cfg: ExperimentConfig
+) -> tuple[list[Trajectory], int]:
+    """``trainer.sft_examples`` gold trajectories from ``rows`` in the seeded data order, and
+    how many rows were passed over because their retrieval did not show a quoted key
+    (``trainer.sft_supported_only``). At most ``trainer.sft_multi_search_share`` of them
+    search more than once; further multi-search rows are passed over."""
+    from sr1.train.trainer import DataOrder
+
+    t = cfg.trainer
+    out: list[Trajectory] = []
+    skipped = multi = 0
+    share = t.sft_multi_search_share
+    max_multi = t.sft_examples if share is None else math.floor(share * t.sft_examples)
+    for i in DataOrder(len(rows), cfg.data.seed).take(len(rows)):
+        if len(out) >= t.sft_examples:
+            break
+        x = gold_trajectory(rows[i], tokenizer, retriever, cfg)
+        if t.sft_supported_only and not x.metrics["gold_supported"]:
+            skipped += 1
+            continue
+        if x.num_searches > 1 and multi >= max_multi:
+            continue
+        multi += x.num_searches > 1
+        out.append(x)
+    if not out:
+        raise Sr1Error(
+            f"none of the {len(rows)} training questions has a gold trajectory whose retrieval "
+            "shows the answer",
+            hint="check the index (sr1 search QUESTION --index NAME), or pass "
+            "--set trainer.sft_supported_only=false",
+        )
+    return out, skipped
 
 
 def sft(
@@ -166,7 +224,7 @@ def sft(
 
     from sr1.retrieval import open_retriever
     from sr1.tracking.run import RunInterrupted, StopSignals, start_run
-    from sr1.train.trainer import DataOrder, _load_train_rows
+    from sr1.train.trainer import _load_train_rows
 
     cfg = dataclasses.replace(
         cfg,
@@ -185,9 +243,7 @@ def sft(
         rows = _load_train_rows(cfg, tok)
     if retriever is None:
         retriever = open_retriever(index, cfg.retrieval)
-    order = DataOrder(len(rows), cfg.data.seed)
-    picked = [rows[i] for i in order.take(min(t.sft_examples, len(rows)))]
-    trajs = [gold_trajectory(r, tok, retriever, cfg) for r in picked]
+    trajs, skipped = gold_trajectories(rows, tok, retriever, cfg)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = collate(trajs, pad)  # the same mask RL uses
     # trained weights: fp32 on CPU under model.dtype=auto (bf16 compute: trainer.mixed_precision)
@@ -232,6 +288,7 @@ def sft(
                 "base_model": base,
                 "index": index,
                 "n_examples": len(trajs),
+                "n_unsupported_skipped": skipped,
                 "batch_size": bs,
                 "n_updates": n_updates,
                 "searches_per_example": sum(x.num_searches for x in trajs) / max(1, len(trajs)),

@@ -1,8 +1,9 @@
 """The default quickstart config leaves room for the trajectories it teaches.
 
-A regression test for a silent recipe bug: with 48-token turns and a 320-token response cap,
-the second turn of 40% of two-hop gold trajectories and the answer of most of them did not fit,
-so no model could answer a two-hop question in the demo. Real synthetic world, real BM25 index,
+A regression test for two silent recipe bugs: with 48-token turns and a 320-token response
+cap, the second turn of 40% of two-hop gold trajectories and the answer of most of them did not
+fit, so no model could answer a two-hop question in the demo; and gold queries that BM25 did not
+answer made the warm-start quote nothing and name the answer anyway. Real synthetic world, real BM25 index,
 the real SmolLM2 tokenizer, ``experiments/quickstart.yaml`` as shipped.
 """
 
@@ -45,8 +46,10 @@ def test_gold_trajectories_fit_the_quickstart_rollout_limits(smollm2: str) -> No
     rows = _load_train_rows(cfg, tok)[:300]
     retriever = open_retriever(cfg.retrieval.index, cfg.retrieval)
     hops = {1: 0, 2: 0}
+    supported = 0
     for row in rows:
         t = gold_trajectory(row, tok, retriever, cfg)
+        supported += t.metrics["gold_supported"]
         turns = _policy_turns(t.loss_mask)
         h = row["metadata"]["hops"]
         hops[h] += 1
@@ -55,3 +58,7 @@ def test_gold_trajectories_fit_the_quickstart_rollout_limits(smollm2: str) -> No
         assert len(t.response_ids) <= r.max_total_response_length, (len(t.response_ids), t.text)
         assert len(tok(row["prompt"])["input_ids"]) <= r.max_prompt_length
     assert min(hops.values()) > 50, hops  # both kinds were checked
+    # the world's gold queries find what each hop needs at the quickstart's top-k (with
+    # "founder of X" and "X headquarters" BM25 ranked court cases and disambiguation pages
+    # first: 16% of single-hop and 19% of two-hop gold trajectories quoted nothing)
+    assert supported >= 0.97 * len(rows), supported

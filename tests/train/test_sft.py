@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sr1.errors import Sr1Error
 from sr1.models import load_tokenizer
 from sr1.retrieval import open_retriever
 from sr1.rollout.loop import observation_ids
@@ -30,7 +31,11 @@ def test_gold_trajectory_masks_information_tokens(tiny_qwen2, tmp_path):
     cfg = tiny_cfg("grpo", "rollout.max_turns=2", "rollout.topk=2", "rollout.max_obs_length=200")
     retriever = open_retriever(build_tiny_index(tmp_path))
     row = dict(
-        rows(tok)[2], metadata={"gold_queries": ["who founded Qelm", "Anra Voss birthplace"]}
+        rows(tok)[2],
+        metadata={
+            "gold_queries": ["who founded Qelm", "Anra Voss birthplace"],
+            "bridge": "Anra Voss",
+        },
     )
     t = gold_trajectory(row, tok, retriever, cfg)
     assert len(t.response_ids) == len(t.loss_mask) == len(t.logprobs)
@@ -46,16 +51,75 @@ def test_gold_trajectory_masks_information_tokens(tiny_qwen2, tmp_path):
     assert "Anra Voss" in tok.decode(spans[1][1])  # real retrieval, not a placeholder
     # policy segments are tokenised one by one, never re-tokenised as a whole
     assert spans[0][1] == enc(
-        tok,
-        "<think> This takes 2 searches. I need to find who founded Qelm. </think>\n"
-        "<search> who founded Qelm </search>",
+        tok, "<think> This takes 2 searches. </think>\n<search> who founded Qelm </search>"
     )
+    # every later think says where the plan stands, then quotes the retrieved clause that
+    # holds the next step's key (the bridge before searching again, the answer at the end)
+    assert tok.decode(spans[2][1]).startswith("<think> Search 1 of 2 done. ")
     answer = tok.decode(spans[4][1])
-    # the last think quotes the retrieved sentence that holds the answer, then answers
     assert answer == (
-        "<think> Anra Voss was an explorer born in the port town of Miredal. </think>\n"
-        "<answer> Miredal </answer>" + tok.eos_token
+        "<think> Search 2 of 2 done. Anra Voss was an explorer born in the port town of "
+        "Miredal. </think>\n<answer> Miredal </answer>" + tok.eos_token
     )
+    assert t.metrics["gold_supported"] is True
+
+
+def _row(tok, i: int, question: str, gold: str, queries: list[str], bridge: str | None = None):
+    return dict(rows(tok)[0], id=f"r{i}", question=question, golden_answers=[gold],
+                metadata={"queries": queries, "bridge": bridge})  # fmt: skip
+
+
+def test_warm_start_takes_supported_questions_and_caps_multi_search(tiny_qwen2, tmp_path):
+    """A gold trajectory whose retrieval misses the key it quotes is passed over (it would
+    teach the policy to name what the documents did not show), and at most
+    trainer.sft_multi_search_share of the warm-start searches more than once."""
+    from sr1.train.sft import NO_EVIDENCE, gold_trajectories
+
+    tok = load_tokenizer(tiny_qwen2)
+    retriever = open_retriever(build_tiny_index(tmp_path))
+    data = [
+        _row(tok, 0, "Where was Anra Voss born?", "Miredal", ["Anra Voss born"]),
+        # the query finds the glass-works town, not who founded Qelm: unsupported
+        _row(tok, 1, "Who founded Qelm?", "Anra Voss", ["harbour glass works"]),
+        _row(
+            tok,
+            2,
+            "Where was the founder of Qelm born?",
+            "Miredal",
+            ["Qelm founded by", "Anra Voss born"],
+            bridge="Anra Voss",
+        ),  # fmt: skip
+        _row(tok, 3, "What is the capital of Zorvia?", "Qelm", ["Zorvia capital"]),
+    ]
+    cfg = tiny_cfg("grpo", "rollout.max_turns=2", "rollout.topk=1", "rollout.max_obs_length=200",
+                   "trainer.sft_examples=4")  # fmt: skip
+    miss = gold_trajectory(data[1], tok, retriever, cfg)
+    assert miss.metrics["gold_supported"] is False and NO_EVIDENCE in miss.text
+
+    def ids(*sets: str) -> tuple[list[str], int]:
+        trajs, skipped = gold_trajectories(data, tok, retriever, replace_cfg(cfg, *sets))
+        return sorted(t.id for t in trajs), skipped
+
+    assert ids() == (["r0", "r2", "r3"], 1)  # every supported row, in the data order
+    assert ids("trainer.sft_multi_search_share=0") == (["r0", "r3"], 1)
+    assert ids("trainer.sft_supported_only=false") == (["r0", "r1", "r2", "r3"], 0)
+    assert ids("trainer.sft_examples=1", "trainer.sft_multi_search_share=0")[0] in (
+        ["r0"], ["r3"],
+    )  # fmt: skip
+    with pytest.raises(Sr1Error, match="none of the 1 training questions"):
+        gold_trajectories([data[1]], tok, retriever, cfg)
+    # no search allowed (rollout.max_turns=0): the answer alone, nothing claimed from documents
+    direct = gold_trajectory(data[1], tok, retriever, replace_cfg(cfg, "rollout.max_turns=0"))
+    assert direct.num_searches == 0 and direct.metrics["gold_supported"] is True
+    assert tok.decode(direct.response_ids) == (
+        "<think> This takes no search. </think>\n<answer> Anra Voss </answer>" + tok.eos_token
+    )
+
+
+def replace_cfg(cfg, *sets: str):
+    from sr1.config import resolve_config
+
+    return resolve_config(base=cfg, overrides=list(sets))
 
 
 def test_evidence_picks_the_clause_with_the_target():
