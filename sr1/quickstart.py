@@ -15,6 +15,10 @@ The result's ``paired`` compares the RL row with the SFT row (both search) quest
 question: delta EM, its paired-bootstrap 95% CI, the sign-flip permutation p-value
 (:func:`sr1.report.stats.paired_test`), and the questions gained and lost.
 
+Stages that would each start an engine process (``rollout.placement=process``, the default
+config's) share one (:func:`sr1.rollout.placement.shared_engines`): every evaluation loads its
+checkpoint into it and RL pushes its weights, so the quickstart pays one engine start-up.
+
 What each finished stage produced (run id, checkpoint) is kept in
 ``$SR1_HOME/quickstart/<config hash>/state.json``, written atomically after every stage, so
 re-running with the same config skips finished stages and an interrupted quickstart continues
@@ -125,6 +129,7 @@ def quickstart(
     from sr1.eval.runner import evaluate
     from sr1.report.build import build_report
     from sr1.retrieval.index import build_index
+    from sr1.rollout.placement import shared_engines
     from sr1.tracking.run import RunInterrupted
     from sr1.train.sft import sft
     from sr1.train.trainer import ALGOS, train
@@ -216,23 +221,26 @@ def quickstart(
 
     todo = stages(cfg, ablations)
     t_all = time.perf_counter()
-    for name, desc in todo:
-        if name in state:
-            note(name, "skip", desc)
-            continue
-        note(name, "start", desc)
-        t0 = time.perf_counter()
-        try:
-            out = actions[name]()
-        except RunInterrupted as e:
-            if name in TRAIN_STAGES and e.run_id and e.checkpoint:
-                state[f"{name}-interrupted"] = e.run_id
-                save()
-            raise
-        out["seconds"] = round(time.perf_counter() - t0, 1)
-        state[name] = out
-        save()
-        note(name, "done", f"{desc} ({out['seconds']} s)")
+    # one engine process for every stage that would start its own (placement=process): the
+    # evaluations load their checkpoint into it, RL pushes its weights (one start-up, not six)
+    with shared_engines():
+        for name, desc in todo:
+            if name in state:
+                note(name, "skip", desc)
+                continue
+            note(name, "start", desc)
+            t0 = time.perf_counter()
+            try:
+                out = actions[name]()
+            except RunInterrupted as e:
+                if name in TRAIN_STAGES and e.run_id and e.checkpoint:
+                    state[f"{name}-interrupted"] = e.run_id
+                    save()
+                raise
+            out["seconds"] = round(time.perf_counter() - t0, 1)
+            state[name] = out
+            save()
+            note(name, "done", f"{desc} ({out['seconds']} s)")
 
     eval_stages = [n for n, _ in todo if n.startswith("eval-")]
     run_ids = [state[n]["run_id"] for n in eval_stages]

@@ -39,6 +39,9 @@ from sr1.rollout.remote import EngineDied, EngineError, RemoteEngine
 LOG_TAIL_LINES = 15
 _LIVE: set[EngineProcess] = set()
 _LIVE_LOCK = threading.Lock()
+# engine processes kept for reuse inside ``shared_engines()`` (None: every command part starts
+# and stops its own), by what the server was started with (:func:`_pool_key`)
+_POOL: dict[str, EngineProcess] | None = None
 
 
 def _stop_all() -> None:
@@ -258,6 +261,56 @@ def _sigterm_unwinds() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def shared_engines() -> Iterator[None]:
+    """Within this block, an engine process that ``rollout.placement=process`` starts is kept
+    when its user is done, and the next :func:`open_engine` that would start one with the same
+    server settings (engine, device, dtype, architecture, context, KV cache, weight sync)
+    reuses it, loading its own checkpoint or pushing its weights as usual. ``sr1 quickstart``
+    runs its evaluations and RL stages in one such block: one engine start-up (~25 s on 2 CPU
+    cores) instead of one per stage. The saved run configs are unchanged (placement=process),
+    so a resumed run starts its own. Every kept process is stopped when the block ends,
+    however it ends. Not re-entrant."""
+    global _POOL
+    if _POOL is not None:
+        raise RuntimeError("shared_engines() is already active")
+    _POOL = {}
+    try:
+        yield
+    finally:
+        pool, _POOL = _POOL, None
+        for proc in pool.values():
+            proc.stop()
+
+
+def _pool_key(path: str, rc: RolloutConfig, cfg: ExperimentConfig, device: str, dtype: str) -> str:
+    """What an engine server is fixed to at start-up; requests and weights vary freely. The
+    architecture (the model's config.json without its name) rather than the path: a
+    fine-tuned checkpoint of the same base reuses the base's server."""
+    from transformers import AutoConfig
+
+    from sr1 import models
+
+    arch = AutoConfig.from_pretrained(
+        path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    ).to_diff_dict()
+    arch.pop("_name_or_path", None)
+    arch.pop("transformers_version", None)
+    server = {
+        "engine": rc.engine,
+        "device": models.pick_device(device),
+        "dtype": str(models.pick_dtype(dtype, models.pick_device(device))),
+        "context": rc.max_prompt_length + rc.max_total_response_length,
+        "kv_cache_gib": rc.vllm_kv_cache_gib,
+        "gpu_memory_utilization": rc.vllm_gpu_memory_utilization,
+        "weight_sync": rc.weight_sync,
+        "hf_kv_reuse": rc.hf_kv_reuse,
+        "revision": cfg.model.revision,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    return json.dumps({"arch": arch, "server": server}, sort_keys=True, default=str)
+
+
+@contextlib.contextmanager
 def open_engine(
     cfg: ExperimentConfig,
     model: str | torch.nn.Module,
@@ -300,15 +353,27 @@ def open_engine(
     else:
         path = models.resolve(model)
     proc: EngineProcess | None = None
+    shared = False  # a server that may hold other weights than ``path``'s
     with contextlib.ExitStack() as stack:
         if not rc.engine_url:
             stack.enter_context(_sigterm_unwinds())
-            log = Path(log_dir) / "engine.log" if log_dir else None
-            proc = EngineProcess(path, cfg, log, device=rc.engine_device or device, dtype=dtype)
-            stack.callback(proc.stop)
-            url = proc.start()
+            edev = rc.engine_device or device
+            key = _pool_key(path, rc, cfg, edev, dtype) if _POOL is not None else None
+            proc = _POOL.get(key) if _POOL is not None and key is not None else None
+            if proc is not None and proc.death("reuse", wait_s=0.0) is None and proc.url:
+                url, shared = proc.url, True
+            else:
+                if proc is not None:  # a kept one that died: replaced (its folder cleaned)
+                    proc.stop()
+                log = Path(log_dir) / "engine.log" if log_dir else None
+                proc = EngineProcess(path, cfg, log, device=edev, dtype=dtype)
+                if _POOL is not None and key is not None:
+                    _POOL[key] = proc  # stopped when shared_engines() ends
+                else:
+                    stack.callback(proc.stop)
+                url = proc.start()
         else:
-            url = rc.engine_url
+            url, shared = rc.engine_url, True
         engine = RemoteEngine(url, tokenizer, rc, process=proc)
         stack.callback(engine.close)
         if weights is not None and send:
@@ -317,7 +382,7 @@ def open_engine(
             for _ in weights():
                 pass
             engine.version = int(version)
-        elif rc.engine_url and not engine.serves(path):
+        elif shared and not engine.serves(path):
             engine.load_checkpoint(path, version)
         yield engine
 

@@ -8,6 +8,7 @@ installed.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import socket
 from pathlib import Path
@@ -282,3 +283,61 @@ def test_hf_engine_update_weights_skips_its_own_tensors_and_copies_others(
     with pytest.raises(Sr1Error, match="no tensor 'bogus'"):
         eng.update_weights([("bogus", torch.zeros(1))], 6)
     assert eng.version == 5
+
+
+def test_shared_engines_start_one_process_that_loads_each_models_weights(
+    tiny_qwen2: str, tmp_path: Path
+) -> None:
+    """Inside ``shared_engines()`` (what ``sr1 quickstart`` runs its stages in), placement=
+    process starts one real `sr1 serve engine` (HF here) for a model and its fine-tuned
+    checkpoints: each user gets the weights it asked for, exactly what a fresh engine on
+    those weights samples; the process is stopped when the block ends. Without the block
+    every user starts and stops its own (the saved run configs are the same either way)."""
+    from sr1.config import resolve_config
+    from sr1.rollout import placement
+
+    tok = load_tokenizer(tiny_qwen2)
+    tuned = tmp_path / "tuned"
+    model = load_model(tiny_qwen2, device="cpu", dtype="float32")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tuned)
+    tok.save_pretrained(tuned)
+    cfg = resolve_config(
+        overrides=[
+            "rollout.placement=process",
+            "rollout.engine=hf",
+            "model.device=cpu",
+            "model.dtype=float32",
+        ]  # fmt: skip
+    )
+    prompts = _prompts(tok)
+
+    def sample(eng) -> list[list[int]]:
+        return [o.token_ids for o in eng.generate(prompts, 6, [], temperature=0.0)]
+
+    def fresh(path: str) -> list[list[int]]:
+        return sample(make_engine("hf", path, tok, cfg.rollout, device="cpu", dtype="float32"))
+
+    before = set(placement._LIVE)
+    with placement.shared_engines():
+        with placement.open_engine(cfg, tiny_qwen2, tok) as eng:
+            pid = eng.process.pid
+            base = sample(eng)
+        assert not _gone(pid)  # kept for the next user
+        with placement.open_engine(cfg, str(tuned), tok) as eng:
+            assert eng.process.pid == pid
+            assert sample(eng) == fresh(str(tuned)) != base
+        with placement.open_engine(cfg, tiny_qwen2, tok) as eng:  # back to the base weights
+            assert eng.process.pid == pid and sample(eng) == base
+        # other server settings (here the dtype) need a server of their own
+        other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
+        with placement.open_engine(other, tiny_qwen2, tok, dtype="bfloat16") as eng:
+            assert eng.process.pid != pid
+            pid2 = eng.process.pid
+    assert _gone(pid) and _gone(pid2) and before == placement._LIVE
+    assert base == fresh(tiny_qwen2)
+    with placement.open_engine(cfg, tiny_qwen2, tok) as eng:  # outside the block: its own
+        pid3 = eng.process.pid
+    assert _gone(pid3)
