@@ -24,13 +24,14 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks._scratch import scratch_home  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -55,7 +56,7 @@ def main() -> None:
         return vllm_main(args)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("SR1_HOME", tempfile.mkdtemp(prefix="sr1-bench-"))
+    scratch_home()
     import torch
 
     from sr1 import models
@@ -157,7 +158,7 @@ def vllm_child(args: argparse.Namespace) -> None:
 def vllm_main(args: argparse.Namespace) -> None:
     import subprocess
 
-    os.environ.setdefault("SR1_HOME", tempfile.mkdtemp(prefix="sr1-bench-"))
+    scratch_home()
     from sr1 import models
 
     path = str(models.fetch(args.model))

@@ -53,6 +53,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._scratch import scratch_dir  # noqa: E402
+
 # the shape, pinned so a change of the quickstart's sizes does not change what is timed
 SHAPE = [
     "rollout.n_samples=4",
@@ -262,7 +264,7 @@ def main() -> None:
         print(json.dumps(run_setup(args.one, prep, args.steps, args.fixed_updates, args.dtype)))
         return
 
-    home = Path(args.home or tempfile.mkdtemp(prefix="sr1-bench-rl-step-"))
+    home = Path(args.home) if args.home else scratch_dir("sr1-bench-rl-step-")
     prep = prepare(home, args.model)
     import torch
 

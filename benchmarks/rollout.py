@@ -27,13 +27,14 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks._scratch import scratch_dir  # noqa: E402
 
 PROMPT = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first "
@@ -198,7 +199,7 @@ def main() -> None:
     data = shared_data_dir()
     if data is None:
         sys.exit("the shared sample data is absent (set SR1_SHARED_DATA)")
-    work = Path(tempfile.mkdtemp(prefix="sr1-bench-rollout-"))
+    work = scratch_dir("sr1-bench-rollout-")
     os.environ.setdefault("SR1_HOME", str(work / "home"))
     cfg = RolloutConfig(
         max_turns=2,

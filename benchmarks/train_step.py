@@ -28,12 +28,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks._scratch import scratch_home  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -71,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("SR1_HOME", tempfile.mkdtemp(prefix="sr1-bench-"))
+    scratch_home()
     import torch
 
     from sr1 import models
