@@ -266,7 +266,7 @@ def shared_engines() -> Iterator[None]:
     when its user is done, and the next :func:`open_engine` that would start one with the same
     server settings (engine, device, dtype, architecture, context, KV cache, weight sync)
     reuses it, loading its own checkpoint or pushing its weights as usual. ``sr1 quickstart``
-    runs its evaluations and RL stages in one such block: one engine start-up (~25 s on 2 CPU
+    runs its evaluations and RL stages in one such block: one engine start-up (~20 s on 2 CPU
     cores) instead of one per stage. The saved run configs are unchanged (placement=process),
     so a resumed run starts its own. Every kept process is stopped when the block ends,
     however it ends. Not re-entrant."""
@@ -295,10 +295,11 @@ def _pool_key(path: str, rc: RolloutConfig, cfg: ExperimentConfig, device: str, 
     ).to_diff_dict()
     arch.pop("_name_or_path", None)
     arch.pop("transformers_version", None)
+    dev = models.pick_device(device)
     server = {
         "engine": rc.engine,
-        "device": models.pick_device(device),
-        "dtype": str(models.pick_dtype(dtype, models.pick_device(device))),
+        "device": dev,
+        "dtype": str(models.pick_dtype(dtype, dev)),
         "context": rc.max_prompt_length + rc.max_total_response_length,
         "kv_cache_gib": rc.vllm_kv_cache_gib,
         "gpu_memory_utilization": rc.vllm_gpu_memory_utilization,
@@ -358,8 +359,9 @@ def open_engine(
         if not rc.engine_url:
             stack.enter_context(_sigterm_unwinds())
             edev = rc.engine_device or device
-            key = _pool_key(path, rc, cfg, edev, dtype) if _POOL is not None else None
-            proc = _POOL.get(key) if _POOL is not None and key is not None else None
+            pool = _POOL
+            key = _pool_key(path, rc, cfg, edev, dtype) if pool is not None else ""
+            proc = pool.get(key) if pool is not None else None
             if proc is not None and proc.death("reuse", wait_s=0.0) is None and proc.url:
                 url, shared = proc.url, True
             else:
@@ -367,8 +369,8 @@ def open_engine(
                     proc.stop()
                 log = Path(log_dir) / "engine.log" if log_dir else None
                 proc = EngineProcess(path, cfg, log, device=edev, dtype=dtype)
-                if _POOL is not None and key is not None:
-                    _POOL[key] = proc  # stopped when shared_engines() ends
+                if pool is not None:
+                    pool[key] = proc  # stopped when shared_engines() ends
                 else:
                     stack.callback(proc.stop)
                 url = proc.start()

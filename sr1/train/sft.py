@@ -171,7 +171,7 @@ def gold_trajectories(
     """``trainer.sft_examples`` gold trajectories from ``rows`` in the seeded data order, and
     how many rows were passed over because their retrieval did not show a quoted key
     (``trainer.sft_supported_only``). At most ``trainer.sft_multi_search_share`` of them
-    search more than once; further multi-search rows are passed over."""
+    search more than once; further multi-search rows are passed over without retrieval."""
     from sr1.train.trainer import DataOrder
 
     t = cfg.trainer
@@ -182,13 +182,14 @@ def gold_trajectories(
     for i in DataOrder(len(rows), cfg.data.seed).take(len(rows)):
         if len(out) >= t.sft_examples:
             break
+        many = len(gold_queries(rows[i], cfg.rollout.max_turns)) > 1
+        if many and multi >= max_multi:
+            continue  # decided before its retrieval is run
         x = gold_trajectory(rows[i], tokenizer, retriever, cfg)
         if t.sft_supported_only and not x.metrics["gold_supported"]:
             skipped += 1
             continue
-        if x.num_searches > 1 and multi >= max_multi:
-            continue
-        multi += x.num_searches > 1
+        multi += many
         out.append(x)
     if not out:
         raise Sr1Error(
