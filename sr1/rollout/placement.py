@@ -34,6 +34,7 @@ import yaml
 
 from sr1.config import ExperimentConfig, RolloutConfig, to_dict
 from sr1.errors import Sr1Error
+from sr1.rollout import openmp
 from sr1.rollout.remote import EngineDied, EngineError, RemoteEngine
 
 LOG_TAIL_LINES = 15
@@ -147,6 +148,8 @@ class EngineProcess:
         ready = self._tmp / "ready.json"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        rc = self.cfg.rollout
+        env = openmp.child_env(rc.engine_openmp, rc.engine, self.device, env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(ready),
@@ -305,6 +308,7 @@ def _pool_key(path: str, rc: RolloutConfig, cfg: ExperimentConfig, device: str, 
         "gpu_memory_utilization": rc.vllm_gpu_memory_utilization,
         "weight_sync": rc.weight_sync,
         "hf_kv_reuse": rc.hf_kv_reuse,
+        "intel_openmp": openmp.wants_intel(rc.engine_openmp, rc.engine, dev),
         "revision": cfg.model.revision,
         "trust_remote_code": cfg.model.trust_remote_code,
     }
@@ -407,6 +411,21 @@ def engine_dtype_report(cfg: ExperimentConfig) -> dict[str, Any]:
     return dtype_report(cfg.model.dtype, device)
 
 
+def engine_openmp_report(cfg: ExperimentConfig) -> str | None:
+    """The OpenMP runtime the rollout engine runs (:mod:`sr1.rollout.openmp`): ``intel`` when
+    the engine process sr1 starts preloads libiomp5 (``rollout.engine_openmp``), else the
+    runtime of this process (an in-process engine's, and what a child inherits); None for a
+    served engine (``rollout.engine_url``: its ``/health`` says)."""
+    rc = cfg.rollout
+    if rc.engine_url:
+        return None
+    if rc.placement == "process":
+        device = rc.engine_device or cfg.model.device
+        if openmp.wants_intel(rc.engine_openmp, rc.engine, device):
+            return "intel"
+    return openmp.loaded_runtime()
+
+
 def engine_died_hint(e: EngineError, run_id: str) -> Sr1Error:
     """``e`` re-raised for a train run: the last checkpoint is kept, ``--resume`` continues."""
     return Sr1Error(
@@ -415,4 +434,11 @@ def engine_died_hint(e: EngineError, run_id: str) -> Sr1Error:
     )
 
 
-__all__ = ["EngineDied", "EngineError", "EngineProcess", "engine_dtype_report", "open_engine"]
+__all__ = [
+    "EngineDied",
+    "EngineError",
+    "EngineProcess",
+    "engine_dtype_report",
+    "engine_openmp_report",
+    "open_engine",
+]

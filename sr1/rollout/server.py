@@ -45,6 +45,7 @@ import torch
 
 from sr1 import net
 from sr1.errors import Sr1Error
+from sr1.rollout.openmp import loaded_runtime
 from sr1.rollout.remote import WEIGHTS_PREFIX, host_key, iter_safetensors
 
 
@@ -178,6 +179,7 @@ class EngineService:
             "pid": os.getpid(),
             "weight_transfer": self.weight_transfer,
             "world_size": 1,
+            "openmp": loaded_runtime(),  # intel (libiomp5) / gnu (libgomp): see rollout.openmp
         }
 
     def generate(self, req: dict[str, Any]) -> dict[str, Any]:

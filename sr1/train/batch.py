@@ -115,16 +115,30 @@ def collate(trajs: Sequence[Trajectory], pad_id: int, use_mask: bool = True) -> 
     )
 
 
-def _trim(batch: TrainBatch) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Drop columns that are padding in every row of this (micro-)batch; returns the new
-    input_ids/attention_mask/position_ids and how many leading columns were dropped."""
+def _span(batch: TrainBatch) -> tuple[int, int]:
+    """The columns ``[first, last)`` a forward over this (micro-)batch runs: all but those that
+    are padding in every row (the column that predicts response token 0 always kept)."""
     attn = batch.attention_mask
     used = attn.any(0)  # (T,)
     first = int(used.nonzero()[0]) if used.any() else 0
-    first = min(first, batch.prompt_len - 1)  # keep the column that predicts response token 0
+    first = min(first, batch.prompt_len - 1)
     last = int(used.nonzero()[-1]) + 1 if used.any() else attn.shape[1]
-    last = max(last, batch.prompt_len + 1)
+    return first, max(last, batch.prompt_len + 1)
+
+
+def padded_tokens(batch: TrainBatch) -> int:
+    """Token positions a forward over this (micro-)batch computes (rows x trimmed columns), of
+    which ``attention_mask.sum()`` are real: the compute that padding costs shows as their gap."""
+    first, last = _span(batch)
+    return len(batch) * (last - first)
+
+
+def _trim(batch: TrainBatch) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Drop columns that are padding in every row of this (micro-)batch; returns the new
+    input_ids/attention_mask/position_ids and how many leading columns were dropped."""
+    first, last = _span(batch)
     sl = slice(first, last)
+    attn = batch.attention_mask
     return batch.input_ids[:, sl], attn[:, sl], batch.position_ids[:, sl], first
 
 

