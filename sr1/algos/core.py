@@ -748,9 +748,11 @@ def entropy_bonus(
     return ent, {"actor/entropy": float(masked_mean(entropy.detach(), mask))}
 
 
-# Loss metrics that are a micro-batch's *share* of its mini-batch loss (the normaliser is the
-# mini-batch's, over every rank): they add up, over micro-batches and ranks, to the loss of
-# the update. Every other per-micro-batch metric is a mean over the micro-batch's policy tokens.
+# Metrics that add up over micro-batches and ranks: the losses (a micro-batch's *share* of its
+# mini-batch loss; the normaliser is the mini-batch's, over every rank) and the update's token
+# counts (positions computed, padding included, and real tokens: these do depend on how the
+# mini-batch was cut, which is what they measure). Every other per-micro-batch metric is a mean
+# over the micro-batch's policy tokens.
 SUMMED_METRICS = frozenset(
     {"actor/pg_loss", "critic/vf_loss", "perf/update_padded_tokens", "perf/update_real_tokens"}
 )
@@ -758,9 +760,9 @@ SUMMED_METRICS = frozenset(
 
 def combine_metrics(items: list[tuple[dict[str, float], float]]) -> dict[str, float]:
     """One update's metrics from its micro-batches' ``(metrics, policy tokens)`` pairs (from
-    every rank): :data:`SUMMED_METRICS` summed, the rest weighted by tokens, so the result
-    does not depend on how the mini-batch was cut into micro-batches or ranks. A key whose
-    items have no tokens at all is a plain mean."""
+    every rank): :data:`SUMMED_METRICS` summed, the rest weighted by tokens, so the losses and
+    means do not depend on how the mini-batch was cut into micro-batches or ranks (the padded
+    token count does, by design). A key whose items have no tokens at all is a plain mean."""
     keys = {k for m, _ in items for k in m}
     out: dict[str, float] = {}
     for k in keys:

@@ -97,7 +97,10 @@ def engine_cmd(
             f"OpenMP {svc.health()['openmp']}) on http://{host}:{bound} (health: /health)",
             highlight=False,
         )
-        hint = openmp_hint(name, cfg.model.device)
+        # a child sr1 started (ready file) already got what rollout.engine_openmp asked for
+        hint = (
+            None if ready_file else openmp_hint(name, cfg.model.device, cfg.rollout.engine_openmp)
+        )
         if hint:
             err_console.print(hint, highlight=False)
         serve(svc, sock, ready_file)
@@ -105,19 +108,21 @@ def engine_cmd(
         sock.close()
 
 
-def openmp_hint(engine: str, device: str) -> str | None:
-    """How to start this server with Intel's OpenMP when vLLM runs on CPU without it (sr1
-    preloads it only for the engine processes it starts: rollout.engine_openmp)."""
+def openmp_hint(engine: str, device: str, choice: str = "auto") -> str | None:
+    """How to start this server with Intel's OpenMP when ``rollout.engine_openmp`` (``choice``)
+    wants it here and this process runs without it (sr1 can preload it only for the engine
+    processes it starts itself)."""
     from sr1.rollout import openmp
 
     lib = openmp.intel_openmp_lib()
     if lib is None or openmp.loaded_runtime() == "intel":
         return None
-    if not openmp.wants_intel("auto", engine, device):
+    if not openmp.wants_intel(choice, engine, device):
         return None
     return (
         f"note: vLLM on CPU samples faster (1.4-1.6x measured) with Intel's OpenMP; start the "
-        f"server as `LD_PRELOAD={lib} KMP_BLOCKTIME={openmp.BLOCKTIME_MS} sr1 serve engine ...`"
+        f'server as `LD_PRELOAD="{lib} $LD_PRELOAD" KMP_BLOCKTIME={openmp.BLOCKTIME_MS} '
+        "sr1 serve engine ...`"
     )
 
 

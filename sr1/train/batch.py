@@ -123,7 +123,7 @@ def _span(batch: TrainBatch) -> tuple[int, int]:
     first = int(used.nonzero()[0]) if used.any() else 0
     first = min(first, batch.prompt_len - 1)
     last = int(used.nonzero()[-1]) + 1 if used.any() else attn.shape[1]
-    return first, max(last, batch.prompt_len + 1)
+    return first, min(max(last, batch.prompt_len + 1), attn.shape[1])
 
 
 def padded_tokens(batch: TrainBatch) -> int:

@@ -444,11 +444,11 @@ class RLTrainer:
                     self.critic_optimizer.zero_grad(set_to_none=True)
                 self.updates += 1
                 out.append(m)
-        res = core.metric_means(out)
         # the whole step's: rows x trimmed columns the forwards ran, and the share of them that
         # was padding (update tokens/s of different batches compare only with it)
-        padded = res["perf/update_padded_tokens"] * len(out)
-        real = res.pop("perf/update_real_tokens") * len(out)
+        padded = sum(d.pop("perf/update_padded_tokens", 0.0) for d in out)
+        real = sum(d.pop("perf/update_real_tokens", 0.0) for d in out)
+        res = core.metric_means(out)
         res["perf/update_padded_tokens"] = padded
         res["perf/update_pad_frac"] = 1.0 - real / padded if padded else 0.0
         return res

@@ -42,8 +42,10 @@ def _free_port() -> int:
 
 def _run(home: Path, launch: Path | None, model: str, *jobs: str, sets: str = "",
          timeout: int = 420) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    tmp = home / "tmp"  # torchelastic's and the engines' temp dirs: removed with the test's
+    tmp.mkdir(exist_ok=True)
     env = dict(os.environ, SR1_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-               SR1_TEST_SETS=sets, SR1_CPU_BF16="0")  # fmt: skip
+               SR1_TEST_SETS=sets, SR1_CPU_BF16="0", TMPDIR=str(tmp))  # fmt: skip
     head = [sys.executable]
     if launch is not None:
         head += ["-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
