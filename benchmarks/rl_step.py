@@ -219,7 +219,12 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
 
 
 def run_setup(
-    name: str, prep: dict[str, Any], steps: int, fixed: int = 0, dtype: str | None = None
+    name: str,
+    prep: dict[str, Any],
+    steps: int,
+    fixed: int = 0,
+    dtype: str | None = None,
+    extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """One setup in this process: ``steps`` training steps; the metrics of steps 2..N."""
     from sr1 import models
@@ -235,6 +240,7 @@ def run_setup(
         *SHAPE,
         *([f"model.dtype={dtype}"] if dtype else []),
         *SETUPS[name],  # after --dtype: a setup that pins its dtype keeps it
+        *(extra or []),  # --set: the caller's last word
     ]
     cfg = resolve_config(REPO / "experiments" / "quickstart.yaml", sets)
     tok = models.load_tokenizer(prep["model_path"])
@@ -292,6 +298,14 @@ def main() -> None:
         default=1,
         help="Run the setups this many times, alternating their order (results pooled).",
     )
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        help="Extra config override for every setup (repeatable), e.g. "
+        "trainer.micro_batch_size=4; the shape above is fixed unless overridden here.",
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: run one setup
     ap.add_argument("--prep", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -300,7 +314,8 @@ def main() -> None:
 
     if args.one:  # a child: one setup, its JSON on stdout
         prep = json.loads(args.prep)
-        print(json.dumps(run_setup(args.one, prep, args.steps, args.fixed_updates, args.dtype)))
+        res = run_setup(args.one, prep, args.steps, args.fixed_updates, args.dtype, args.sets)
+        print(json.dumps(res))
         return
 
     home = Path(args.home) if args.home else scratch_dir("sr1-bench-rl-step-")
@@ -318,6 +333,7 @@ def main() -> None:
         "questions": "nq train (shared data)" if prep["questions"] else "synthetic world",
         "steps_per_setup": args.steps,
         "rounds": args.rounds,
+        "extra_sets": args.sets,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu": {k: models.cpu_flags()[k] for k in ("amx_bf16", "avx512_bf16", "capability")},
@@ -335,6 +351,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", name, "--prep", json.dumps(prep)]
             cmd += ["--steps", str(args.steps), "--fixed-updates", str(args.fixed_updates)]
             cmd += ["--dtype", args.dtype] if args.dtype else []
+            cmd += [a for s in args.sets for a in ("--set", s)]
             steal0 = steal_s()
             p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
             if p.returncode != 0:
