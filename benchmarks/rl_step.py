@@ -55,7 +55,7 @@ alike; ``setups`` then pools the timed steps (and fixed-batch updates) of all ro
 Each setup's ``engine_openmp`` is the OpenMP runtime its engine ran (``rollout.engine_openmp``:
 the vLLM child gets Intel's libiomp5, an in-process engine runs the trainer's libgomp).
 
-Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm-process,vllm-process-async] [--fixed-updates 6] [--dtype auto] [--rounds 1]``
+Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm-process,vllm-process-async] [--fixed-updates 6] [--dtype auto] [--rounds 1] [--set trainer.micro_batch_size=4]``
 """
 
 from __future__ import annotations
