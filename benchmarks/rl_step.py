@@ -249,6 +249,7 @@ def run_setup(
     t0 = time.perf_counter()
     res = train(cfg, "grpo", prep["model_path"], max_steps=steps, rows=rows, retriever=retriever)
     wall = time.perf_counter() - t0
+    params = Store().get_run(res["run_id"])["params"]
     per_step = res["steps"]
     timed = per_step[1:] or per_step
     out: dict[str, Any] = {
@@ -259,8 +260,8 @@ def run_setup(
         "startup_s": round(wall - sum(s["time/step_s"] for s in per_step), 1),
         # what the train run recorded (RLTrainer.engine_dtype): the in-process HF engine runs
         # the policy module (fp32 on CPU), the others model.dtype (auto: bf16 where native)
-        "engine_dtype": Store().get_run(res["run_id"])["params"]["engine_dtype"],
-        "engine_openmp": Store().get_run(res["run_id"])["params"].get("engine_openmp"),
+        "engine_dtype": params["engine_dtype"],
+        "engine_openmp": params.get("engine_openmp"),
     }
     for k, m in KEYS.items():
         vals = [s[m] for s in timed if m in s]

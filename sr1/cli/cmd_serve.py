@@ -78,6 +78,7 @@ def engine_cmd(
     (README: "Rollout placement"). vLLM runs inside this process, so weight reloads reach its
     model. Ctrl-C stops it.
     """
+    from sr1.rollout.openmp import start_hint
     from sr1.rollout.server import bind_socket, load_service, serve
 
     cfg = resolve_config(
@@ -98,32 +99,12 @@ def engine_cmd(
             highlight=False,
         )
         # a child sr1 started (ready file) already got what rollout.engine_openmp asked for
-        hint = (
-            None if ready_file else openmp_hint(name, cfg.model.device, cfg.rollout.engine_openmp)
-        )
+        hint = None if ready_file else start_hint(cfg.rollout.engine_openmp, name, cfg.model.device)
         if hint:
             err_console.print(hint, highlight=False)
         serve(svc, sock, ready_file)
     finally:
         sock.close()
-
-
-def openmp_hint(engine: str, device: str, choice: str = "auto") -> str | None:
-    """How to start this server with Intel's OpenMP when ``rollout.engine_openmp`` (``choice``)
-    wants it here and this process runs without it (sr1 can preload it only for the engine
-    processes it starts itself)."""
-    from sr1.rollout import openmp
-
-    lib = openmp.intel_openmp_lib()
-    if lib is None or openmp.loaded_runtime() == "intel":
-        return None
-    if not openmp.wants_intel(choice, engine, device):
-        return None
-    return (
-        f"note: vLLM on CPU samples faster (1.4-1.6x measured) with Intel's OpenMP; start the "
-        f'server as `LD_PRELOAD="{lib} $LD_PRELOAD" KMP_BLOCKTIME={openmp.BLOCKTIME_MS} '
-        "sr1 serve engine ...`"
-    )
 
 
 def register(app: typer.Typer) -> None:

@@ -16,6 +16,7 @@ quickstart-shaped numbers).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ BLOCKTIME_MS = 20
 CHOICES = ("auto", "intel", "default")
 
 
+@functools.lru_cache(maxsize=1)
 def intel_openmp_lib() -> Path | None:
     """Path of Intel's OpenMP runtime as the ``intel-openmp`` wheel installed it, or None."""
     with contextlib.suppress(Exception):
@@ -94,3 +96,17 @@ def loaded_runtime() -> str:
         if name in maps:
             return tag
     return "unknown"
+
+
+def start_hint(choice: str, engine: str, device: str) -> str | None:
+    """For a server started by hand: how to start it with Intel's OpenMP when ``choice``
+    (``rollout.engine_openmp``) wants it here and this process runs without it (sr1 preloads
+    it only for the engine processes it starts itself); None otherwise."""
+    lib = intel_openmp_lib()
+    if lib is None or loaded_runtime() == "intel" or not wants_intel(choice, engine, device):
+        return None
+    return (
+        f"note: vLLM on CPU samples faster (1.4-1.6x measured) with Intel's OpenMP; start the "
+        f'server as `LD_PRELOAD="{lib} $LD_PRELOAD" KMP_BLOCKTIME={BLOCKTIME_MS} '
+        "sr1 serve engine ...`"
+    )

@@ -405,10 +405,16 @@ def engine_dtype_report(cfg: ExperimentConfig) -> dict[str, Any]:
     rc = cfg.rollout
     if rc.engine_url:
         return {"requested": cfg.model.dtype, "resolved": None, "engine_url": rc.engine_url}
-    device = cfg.model.device
+    return dtype_report(cfg.model.dtype, _engine_device(cfg))
+
+
+def _engine_device(cfg: ExperimentConfig) -> str:
+    """The device an engine sr1 runs itself is on: ``rollout.engine_device`` for
+    placement=process, else the command's."""
+    rc = cfg.rollout
     if rc.placement == "process" and rc.engine_device:
-        device = rc.engine_device
-    return dtype_report(cfg.model.dtype, device)
+        return rc.engine_device
+    return cfg.model.device
 
 
 def engine_openmp_report(cfg: ExperimentConfig) -> str | None:
@@ -419,10 +425,10 @@ def engine_openmp_report(cfg: ExperimentConfig) -> str | None:
     rc = cfg.rollout
     if rc.engine_url:
         return None
-    if rc.placement == "process":
-        device = rc.engine_device or cfg.model.device
-        if openmp.wants_intel(rc.engine_openmp, rc.engine, device):
-            return "intel"
+    if rc.placement == "process" and openmp.wants_intel(
+        rc.engine_openmp, rc.engine, _engine_device(cfg)
+    ):
+        return "intel"
     return openmp.loaded_runtime()
 
 

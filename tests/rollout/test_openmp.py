@@ -67,11 +67,9 @@ def test_the_config_validates_the_choice_and_the_run_records_what_ran() -> None:
 
 @needs_lib
 def test_a_server_started_by_hand_says_how_to_get_the_faster_runtime() -> None:
-    from sr1.cli.cmd_serve import openmp_hint
-
     if openmp.loaded_runtime() == "intel":
         pytest.skip("this pytest runs under libiomp5 already (LD_PRELOAD): no hint to give")
-    hint = openmp_hint("vllm", "cpu")
+    hint = openmp.start_hint("auto", "vllm", "cpu")
     assert hint is not None and f'LD_PRELOAD="{LIB} $LD_PRELOAD"' in hint
-    assert openmp_hint("hf", "cpu") is None
-    assert openmp_hint("vllm", "cpu", "default") is None  # the user chose the default runtime
+    assert openmp.start_hint("auto", "hf", "cpu") is None
+    assert openmp.start_hint("default", "vllm", "cpu") is None  # the user chose the default runtime
