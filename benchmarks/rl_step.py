@@ -45,7 +45,10 @@ behaviour.
 ``--fixed-updates N`` also times, per setup, the update alone on one fixed batch (gold search
 trajectories, the same tokens in every setup) N times with the setup's engine open and idle
 beside it (``fixed_batch``; its ratio to ``hf`` in ``ratios``): the per-step update rates vary
-with each setup's own samples, this one does not.
+with each setup's own samples, this one does not. Per update it also records the CPU seconds
+this process used (``update_cpu_s``) and those its children used (``engine_cpu_s``: an idle
+engine process should use ~0), so a slow update shows whether the engine took the cores or the
+trainer's own work ran slower.
 
 ``--rounds R`` runs the setups R times, each round in the reverse order of the one before
 (ABBA...), so drift over the run (other load, the machine warming up) falls on every setup
@@ -61,6 +64,7 @@ Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -70,6 +74,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -176,6 +182,20 @@ def rows_for(prep: dict[str, Any], cfg: Any, tok: Any, n: int) -> list[dict[str,
     return out
 
 
+def _cpu_s(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def _children_cpu_s(p: psutil.Process) -> float:
+    """CPU seconds of ``p``'s live descendants (an engine process and its workers)."""
+    total = 0.0
+    for c in p.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += _cpu_s(c)
+    return total
+
+
 def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: int) -> dict:
     """The update alone on one fixed batch, ``n`` times (the first a warm-up), with the setup's
     engine open and idle beside it: identical work in every setup, so the update's tokens/s
@@ -199,20 +219,27 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
         for j in range(g):
             trajs.append(dataclasses.replace(t, group=gi, reward=float(j % 2)))
     tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
-    secs = []
+    secs, own_cpu, child_cpu = [], [], []
+    me = psutil.Process()
     # the setup's engine, opened as training opens it, idle while the updates are timed
     with tempfile.TemporaryDirectory() as log_dir, trainer.open_engine(Path(log_dir), version=0):
         for i in range(n):
             batch = trainer.prepare_batch(trajs)
-            t0 = time.perf_counter()
+            c0, k0, t0 = _cpu_s(me), _children_cpu_s(me), time.perf_counter()
             trainer.update(batch, i + 1)
             secs.append(time.perf_counter() - t0)
+            own_cpu.append(_cpu_s(me) - c0)
+            child_cpu.append(_children_cpu_s(me) - k0)
     timed = secs[1:] or secs
     return {
         "updates_timed": len(timed),
         "rows": len(trajs),
         "tokens": tokens,
         "update_s": [round(x, 3) for x in secs],
+        # CPU seconds during each update: this process's, and its children's (an engine
+        # process, idle, should use ~0); wall x cores above them is time nobody here ran
+        "update_cpu_s": [round(x, 2) for x in own_cpu],
+        "engine_cpu_s": [round(x, 2) for x in child_cpu],
         "update_s_median": round(statistics.median(timed), 3),
         "update_tokens_per_s": round(tokens / statistics.median(timed), 1),
     }
@@ -426,6 +453,8 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "rows": fbs[0]["rows"],
             "tokens": fbs[0]["tokens"],
             "update_s": [fb["update_s"] for fb in fbs],
+            "update_cpu_s": [fb.get("update_cpu_s") for fb in fbs],
+            "engine_cpu_s": [fb.get("engine_cpu_s") for fb in fbs],
             "update_s_median": round(med, 3),
             "update_tokens_per_s": round(fbs[0]["tokens"] / med, 1),
         }

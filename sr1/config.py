@@ -488,7 +488,21 @@ class TrainerConfig(_Section):
     ppo_epochs: int = opt(1, "Passes over each rollout batch.", ge=1, le=100)
     mini_batch_size: int = opt(8, "Trajectories per optimiser update.", ge=1)
     micro_batch_size: int = opt(
-        4, "Trajectories per forward/backward (gradient accumulation).", ge=1
+        4,
+        "Trajectories per forward/backward (gradient accumulation); the most per micro-batch "
+        "when micro_batch_tokens is set.",
+        ge=1,
+    )
+    micro_batch_tokens: int = opt(
+        0,
+        "Token-budget micro-batches (verl's dynamic batch size; bounds activation memory on an "
+        "accelerator): each forward/backward computes at most this many token positions "
+        "(rows x the columns of its longest prompt + longest response, padding included; a "
+        "longer single trajectory runs alone) and at most micro_batch_size rows; of such "
+        "splits of the length-ordered rows, the fewest micro-batches, then the least padding. "
+        "Applies to the update and the old/reference/value passes; the loss is the same up to "
+        "float summation order. 0 = fixed micro_batch_size rows (length-ordered chunks).",
+        ge=0,
     )
     lr: float = opt(1e-6, "Actor learning rate.", gt=0, le=1)
     critic_lr: float = opt(1e-5, "Critic learning rate (PPO).", gt=0, le=1)

@@ -110,3 +110,22 @@ def start_hint(choice: str, engine: str, device: str) -> str | None:
         f'server as `LD_PRELOAD="{lib} $LD_PRELOAD" KMP_BLOCKTIME={BLOCKTIME_MS} '
         "sr1 serve engine ...`"
     )
+
+
+# libiomp5 registers every process that loads it in a /dev/shm file named after its pid (and
+# the user id), removed by its exit handler; a process killed by a signal leaves it behind
+SHM_DIR = Path("/dev/shm")
+REGISTRATION = "__KMP_REGISTERED_LIB_{pid}_*"
+
+
+def forget_registration(pid: int, shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Remove libiomp5's ``/dev/shm`` registration of process ``pid``; returns what it removed.
+
+    Only for a pid that is held by a dead child not yet reaped (a zombie): no new process can
+    have it, so the file can only be the dead one's."""
+    gone = []
+    for f in shm_dir.glob(REGISTRATION.format(pid=pid)):
+        with contextlib.suppress(OSError):
+            f.unlink()
+            gone.append(f)
+    return gone

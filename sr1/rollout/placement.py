@@ -83,6 +83,23 @@ def _exit_words(code: int) -> str:
     return f"exited with code {code}"
 
 
+def _exited(p: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether child ``p`` exits within ``timeout`` seconds, without reaping it (its pid stays
+    held until ``p.wait()``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if p.returncode is not None:
+            return True
+        try:
+            if os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+                return True
+        except ChildProcessError:  # reaped elsewhere
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 class EngineProcess:
     """``sr1 serve engine`` as a child process: :meth:`start` (returns its URL once it answers
     ``/health``), :meth:`death` (an :class:`EngineDied` once it has exited), :meth:`stop`."""
@@ -222,11 +239,14 @@ class EngineProcess:
             for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, sig)
-                try:
-                    p.wait(timeout=wait)
+                if _exited(p, wait):
                     break
-                except subprocess.TimeoutExpired:
-                    continue
+            if p.returncode is None:
+                # dead but not yet reaped, so its pid is still its own: a child killed by a
+                # signal leaves libiomp5's /dev/shm registration behind
+                openmp.forget_registration(p.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5.0)
         if p is not None:  # the group may outlive its leader (workers it started)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)

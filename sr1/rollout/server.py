@@ -34,6 +34,7 @@ import json
 import math
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -45,7 +46,7 @@ import torch
 
 from sr1 import net
 from sr1.errors import Sr1Error
-from sr1.rollout.openmp import loaded_runtime
+from sr1.rollout.openmp import forget_registration, loaded_runtime
 from sr1.rollout.remote import WEIGHTS_PREFIX, host_key, iter_safetensors
 
 
@@ -356,6 +357,14 @@ def make_asgi(svc: EngineService) -> Any:
     return Starlette(routes=routes)
 
 
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    """SIGTERM after uvicorn's shutdown: exit at once as the signal would (tearing down vLLM
+    and torch took 1-3 s), minus what dying by a signal leaves behind: libiomp5's /dev/shm
+    registration, which only its exit handler removes."""
+    forget_registration(os.getpid())
+    os._exit(128 + signum)
+
+
 def serve(
     svc: EngineService,
     sock: socket.socket,
@@ -376,6 +385,10 @@ def serve(
         timeout_graceful_shutdown=3,
     )
     server = uvicorn.Server(config)
+    # uvicorn shuts down on SIGTERM and then raises it again under the handler it found
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     if ready_file:
         from sr1.io import write_json_atomic
 

@@ -239,18 +239,30 @@ def value_forward(critic: torch.nn.Module, batch: TrainBatch) -> Tensor:
     return torch.cat([v, v.new_zeros(len(batch), R - n)], dim=1) * batch.response_valid
 
 
+MicroBatches = int | Sequence[Tensor]
+
+
+def _micro(batch: TrainBatch, micro: MicroBatches) -> Sequence[Tensor]:
+    """Row-index groups: ``micro`` itself, or rows in length order in chunks of ``micro``."""
+    if isinstance(micro, int):
+        return length_order(batch, torch.arange(len(batch))).split(micro)
+    return micro
+
+
 @torch.no_grad()
 def batched_logprobs(
-    model: torch.nn.Module, batch: TrainBatch, micro_batch_size: int, with_entropy: bool = False
+    model: torch.nn.Module, batch: TrainBatch, micro: MicroBatches, with_entropy: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`response_forward` without grad, micro-batched; ``(B, R)`` results on CPU."""
+    """:func:`response_forward` without grad, micro-batched; ``(B, R)`` results on CPU.
+
+    ``micro``: rows per micro-batch (in length order), or the row-index groups to run
+    (:func:`micro_batches`); every row must be in exactly one group."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    order = length_order(batch, torch.arange(len(batch)))
     lp_all = torch.zeros(len(batch), batch.response_len)
     ent_all = torch.zeros(len(batch), batch.response_len) if with_entropy else None
-    for rows in order.split(micro_batch_size):
+    for rows in _micro(batch, micro):
         lp, ent = response_forward(model, batch.select(rows).to(dev), with_entropy)
         lp_all[rows] = lp.float().cpu()
         if ent_all is not None and ent is not None:
@@ -270,13 +282,90 @@ def length_order(batch: TrainBatch, idx: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def batched_values(critic: torch.nn.Module, batch: TrainBatch, micro_batch_size: int) -> Tensor:
-    """:func:`value_forward` without grad, micro-batched; ``(B, R)`` on CPU."""
+def batched_values(critic: torch.nn.Module, batch: TrainBatch, micro: MicroBatches) -> Tensor:
+    """:func:`value_forward` without grad, micro-batched as in :func:`batched_logprobs`;
+    ``(B, R)`` on CPU."""
     was = critic.training
     critic.eval()
     dev = next(critic.parameters()).device
     out = torch.zeros(len(batch), batch.response_len)
-    for rows in length_order(batch, torch.arange(len(batch))).split(micro_batch_size):
+    for rows in _micro(batch, micro):
         out[rows] = value_forward(critic, batch.select(rows).to(dev)).float().cpu()
     critic.train(was)
     return out
+
+
+def micro_batches(
+    batch: TrainBatch,
+    idx: Tensor,
+    max_rows: int,
+    max_tokens: int = 0,
+    n_groups: int | None = None,
+) -> list[Tensor]:
+    """Split rows ``idx`` of ``batch`` into micro-batches, each a run of :func:`length_order`.
+
+    ``max_tokens`` 0: chunks of ``max_rows``. ``max_tokens`` > 0 (token-budget micro-batches,
+    like verl's dynamic batch size): every group holds at most ``max_rows`` rows and at most
+    ``max_tokens`` token positions as its forward computes them (rows x the columns left after
+    :func:`_trim`: the longest prompt plus the longest response of the group; a single row
+    longer than the budget runs alone); of the splits that satisfy both, the one with the
+    fewest groups, and of those the least padding (an exact dynamic programme over the
+    ordered rows). ``n_groups`` asks for exactly that many groups instead of the fewest (ranks
+    that must run the same number of forwards; at least the fewest, at most ``len(idx)``).
+
+    Every row is in exactly one group; losses summed under one normaliser, or outputs put
+    back by row index, are the same up to float summation order whatever the split."""
+    if max_rows < 1 or max_tokens < 0:
+        raise ValueError(f"max_rows must be >= 1 and max_tokens >= 0, got {max_rows}, {max_tokens}")
+    order = length_order(batch, idx)
+    if max_tokens == 0 or len(order) == 0:
+        return list(order.split(max_rows))
+    P = batch.prompt_len
+    plen = batch.attention_mask[order, :P].sum(-1).tolist()
+    rlen = batch.response_valid[order].sum(-1).long().tolist()
+    n = len(order)
+    inf = (float("inf"), float("inf"))
+
+    def groups_ending_at(j: int) -> Iterator[tuple[int, int]]:
+        """(start, padded tokens) of every allowed group ``[start, j)``."""
+        wp = wr = 0
+        for i in range(j - 1, max(-1, j - 1 - max_rows), -1):
+            wp, wr = max(wp, int(plen[i]), 1), max(wr, int(rlen[i]), 1)
+            cost = (j - i) * (wp + wr)
+            if cost > max_tokens and j - i > 1:
+                return  # a wider group only costs more
+            yield i, cost
+
+    if n_groups is None:  # fewest groups, then least padding
+        best: list[tuple[float, float]] = [(0, 0)] + [inf] * n
+        back = [0] * (n + 1)
+        for j in range(1, n + 1):
+            for i, cost in groups_ending_at(j):
+                cand = (best[i][0] + 1, best[i][1] + cost)
+                if cand < best[j]:
+                    best[j], back[j] = cand, i
+        cuts, j = [], n
+        while j > 0:
+            cuts.append(j)
+            j = back[j]
+    else:  # exactly n_groups groups, least padding
+        k_max = min(n_groups, n)
+        table = [[float("inf")] * (n + 1) for _ in range(k_max + 1)]
+        prev = [[0] * (n + 1) for _ in range(k_max + 1)]
+        table[0][0] = 0.0
+        for j in range(1, n + 1):
+            for i, cost in groups_ending_at(j):
+                for k in range(1, k_max + 1):
+                    c = table[k - 1][i] + cost
+                    if c < table[k][j]:
+                        table[k][j], prev[k][j] = c, i
+        if table[k_max][n] == float("inf"):
+            raise ValueError(
+                f"cannot split {n} rows into {k_max} micro-batches of <= {max_rows} rows"
+            )
+        cuts, j, k = [], n, k_max
+        while j > 0:
+            cuts.append(j)
+            j, k = prev[k][j], k - 1
+    bounds = [0, *reversed(cuts)]
+    return [order[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]

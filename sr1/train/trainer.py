@@ -59,7 +59,7 @@ from sr1.train.batch import (
     batched_logprobs,
     batched_values,
     collate,
-    length_order,
+    micro_batches,
     padded_tokens,
     response_forward,
     value_forward,
@@ -282,8 +282,7 @@ class RLTrainer:
 
     # -- one step ------------------------------------------------------------------------------
     @torch.no_grad()
-    def _ref_logprobs(self, batch: TrainBatch) -> torch.Tensor | None:
-        mbs = self.tcfg.micro_batch_size
+    def _ref_logprobs(self, batch: TrainBatch, mbs: list[torch.Tensor]) -> torch.Tensor | None:
         if self.acfg.kl_coef <= 0:
             return None
         if self.lora:
@@ -291,6 +290,21 @@ class RLTrainer:
                 return batched_logprobs(self.model, batch, mbs)[0]
         assert self.ref is not None
         return batched_logprobs(self.ref, batch, mbs)[0]
+
+    def micro_split(self, batch: TrainBatch, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Rows ``idx`` of ``batch`` as micro-batches (``trainer.micro_batch_size`` and
+        ``micro_batch_tokens``: :func:`sr1.train.batch.micro_batches`). Under a token budget
+        on several ranks, every rank runs as many as the rank that needs the most (FSDP's
+        all-gathers run per forward, so the ranks' forward counts must match)."""
+        t = self.tcfg
+        groups = micro_batches(batch, idx, t.micro_batch_size, t.micro_batch_tokens)
+        if t.micro_batch_tokens and self.world > 1:
+            k = max(gather_objects(self.acc, len(groups)))
+            if k != len(groups):
+                groups = micro_batches(
+                    batch, idx, t.micro_batch_size, t.micro_batch_tokens, n_groups=k
+                )
+        return groups
 
     def autocast(self) -> Any:
         """The forward passes' autocast context (``trainer.mixed_precision``)."""
@@ -309,10 +323,10 @@ class RLTrainer:
         """Padded batch with old/ref log-probs, values, returns and advantages filled, all
         ``(B, R)``; the preparation metrics are in ``self.prep_metrics``."""
         batch = collate(trajs, self.pad_id, use_mask=self.acfg.use_mask)
-        mbs = self.tcfg.micro_batch_size
         mask = batch.response_mask
+        mbs = self.micro_split(batch, torch.arange(len(batch)))
         with self.autocast():
-            batch.ref_logprobs = self._ref_logprobs(batch)
+            batch.ref_logprobs = self._ref_logprobs(batch, mbs)
             needs_old = (
                 not self._single_update(len(batch))
                 or (batch.ref_logprobs is not None and self.acfg.kl_in_reward)
@@ -415,7 +429,7 @@ class RLTrainer:
                 if self.skip_inert:
                     idx = self._live_rows(batch, idx)
                 # micro-batches of similar lengths (less padding); the sum is the same
-                micro = list(_chunks(length_order(batch, idx), t.micro_batch_size))
+                micro = self.micro_split(batch, idx)
                 ms: list[tuple[dict[str, float], float]] = []
                 for i, rows in enumerate(micro):
                     last = i == len(micro) - 1 or self.world == 1

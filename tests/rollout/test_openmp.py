@@ -73,3 +73,57 @@ def test_a_server_started_by_hand_says_how_to_get_the_faster_runtime() -> None:
     assert hint is not None and f'LD_PRELOAD="{LIB} $LD_PRELOAD"' in hint
     assert openmp.start_hint("auto", "hf", "cpu") is None
     assert openmp.start_hint("default", "vllm", "cpu") is None  # the user chose the default runtime
+
+
+def test_forget_registration_removes_only_that_pids_files(tmp_path: Path) -> None:
+    for name in ("__KMP_REGISTERED_LIB_41_0", "__KMP_REGISTERED_LIB_41_1000",
+                 "__KMP_REGISTERED_LIB_410_0", "other_41"):  # fmt: skip
+        (tmp_path / name).write_text("x")
+    gone = openmp.forget_registration(41, shm_dir=tmp_path)
+    assert sorted(p.name for p in gone) == [
+        "__KMP_REGISTERED_LIB_41_0",
+        "__KMP_REGISTERED_LIB_41_1000",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["__KMP_REGISTERED_LIB_410_0", "other_41"]
+
+
+@needs_lib
+@pytest.mark.skipif(not openmp.SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_a_stopped_engine_process_leaves_no_openmp_registration(tiny_qwen2: str) -> None:
+    """libiomp5 registers each process in /dev/shm and only its exit handler removes the file,
+    so an engine process killed by a signal used to leave one per start. A real ``sr1 serve
+    engine`` child (the HF engine with libiomp5 forced, lighter than vLLM): SIGTERM as a
+    service manager sends it (the server exits 143), sr1's own stop, and a stop that has to
+    SIGKILL (no grace): none leaves its file."""
+    import os
+    import signal
+    import time
+
+    from sr1.rollout.placement import EngineProcess
+
+    cfg = resolve_config(overrides=["rollout.placement=process", "model.device=cpu",
+                                    "rollout.engine=hf", "rollout.engine_openmp=intel"])  # fmt: skip
+
+    def registered(pid: int) -> list[Path]:
+        return list(openmp.SHM_DIR.glob(openmp.REGISTRATION.format(pid=pid)))
+
+    for how in ("sigterm", "stop", "kill"):
+        proc = EngineProcess(tiny_qwen2, cfg)
+        try:
+            proc.start()
+            pid = proc.pid
+            assert pid is not None and registered(pid), "libiomp5 did not register the child"
+            if how == "sigterm":
+                os.killpg(pid, signal.SIGTERM)
+                assert proc.proc is not None
+                deadline = time.monotonic() + 30
+                while proc.proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert proc.proc.returncode == 128 + signal.SIGTERM
+                assert not registered(pid)
+            proc.stop(grace_s=0.0 if how == "kill" else 5.0)
+            if how == "kill":
+                assert proc.proc is not None and proc.proc.returncode == -signal.SIGKILL
+            assert not registered(pid), how
+        finally:
+            proc.stop()

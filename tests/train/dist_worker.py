@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sr1.errors import ConfigError  # noqa: E402
 from sr1.rollout.engines import named_weights  # noqa: E402
+from sr1.train.batch import collate, micro_batches  # noqa: E402
 from sr1.train.dist import gather_objects, is_fsdp, make_accelerator, rank_block  # noqa: E402
 from sr1.train.trainer import RLTrainer, train  # noqa: E402
 from tests.train.helpers import hand_trajectories, tiny_cfg  # noqa: E402
@@ -78,6 +79,27 @@ def update(out: Path, model: str) -> None:
             "ids": [t.id for t in mine],
         }
         del tr
+    # token-budget micro-batches (trainer.micro_batch_tokens=120): on 2 ranks rank 0's rows
+    # need 4 micro-batches and rank 1's only 3, so rank 1 must run 4 too (FSDP's all-gathers
+    # run per forward); the update is the one of fixed micro-batches, up to summation order
+    cfg = tiny_cfg("grpo", "trainer.mini_batch_size=8", "trainer.micro_batch_size=2",
+                   "trainer.micro_batch_tokens=120", "algorithm.kl_coef=0.05", *SETS)  # fmt: skip
+    tr = RLTrainer(cfg, model_path=model, accelerator=acc)
+    trajs = hand_trajectories(tr.tokenizer, n_prompts=4, n_samples=2)
+    block = rank_block(4, rank, world)
+    mine = [t for t in trajs if block.start <= t.group < block.stop]
+    batch = collate(mine, tr.pad_id)
+    fewest = len(micro_batches(batch, torch.arange(len(mine)), 2, 120))
+    ran = len(tr.micro_split(batch, torch.arange(len(mine))))
+    metrics = tr.step_on(mine)
+    params = full_params(tr.model)
+    result["grpo-budget"] = {
+        "params": params,
+        "metrics": metrics,
+        "rank_digests": gather_objects(acc, float(sum(p.double().sum() for p in params.values()))),
+        "micro_batches": gather_objects(acc, (fewest, ran)),
+    }
+    del tr
     # GRPO without KL/entropy on a batch whose groups 0-2 all scored alike: only group 3's
     # trajectories are computed (trainer.skip_inert_rows); on 2 ranks rank 0 holds groups 0-1,
     # none live, and must top up with inert rows to run rank 1's micro-batches

@@ -142,6 +142,20 @@ def test_skipping_inert_rows_on_two_ranks_equals_one_process(runs, backend: str)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_token_budget_micro_batches_on_two_ranks_equal_one_process(runs, backend: str) -> None:
+    """``trainer.micro_batch_tokens``: the ranks' rows need different numbers of micro-batches
+    (4 and 3), every rank runs the larger count (no hang under FSDP's per-forward
+    all-gathers), and the weights and metrics equal one process's fixed micro-batches."""
+    one, two = runs["one"]["update"]["grpo"], runs[backend]["update"]["grpo-budget"]
+    assert two["micro_batches"] == [(4, 4), (3, 4)]
+    assert runs["one"]["update"]["grpo-budget"]["micro_batches"] == [(7, 7)]
+    assert len(set(two["rank_digests"])) == 1
+    _close(one["params"], two["params"], PARAM_ATOL)
+    _metrics_close(one["metrics"], two["metrics"])
+
+
+@pytest.mark.slow
 def test_fsdp_refuses_in_process_engines_and_lora_with_advice(runs) -> None:
     refused = runs["fsdp"]["update"]["refused"]
     assert "rollout.placement=process" in refused["inprocess"]

@@ -7,7 +7,7 @@ import torch
 
 from sr1.algos import core
 from sr1.errors import ConfigError, NotFoundError, Sr1Error
-from sr1.train.batch import batched_logprobs, collate, response_forward
+from sr1.train.batch import batched_logprobs, collate, padded_tokens, response_forward
 from sr1.train.trainer import RLTrainer
 
 from .helpers import hand_trajectories, tiny_cfg
@@ -287,22 +287,33 @@ def test_inert_rows_are_computed_when_another_term_sees_them(tiny_qwen2, sets):
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_micro_batching_in_length_order_gives_the_same_update(tiny_qwen2, algo):
-    """Micro-batches of 2 rows in length order (old, reference and value passes and the
-    update) give one 8-row micro-batch's update and metrics: the order only sums differently."""
+    """Micro-batches of 2 rows in length order, or under a token budget (old, reference and
+    value passes and the update), give one 8-row micro-batch's update and metrics: the split
+    only sums differently."""
     out = []
-    for micro in (8, 2):
+    for sets in (["trainer.micro_batch_size=8"], ["trainer.micro_batch_size=2"],
+                 ["trainer.micro_batch_size=8", "trainer.micro_batch_tokens=160"]):  # fmt: skip
         tr = RLTrainer(
-            tiny_cfg(algo, "trainer.mini_batch_size=8", f"trainer.micro_batch_size={micro}",
+            tiny_cfg(algo, "trainer.mini_batch_size=8", *sets,
                      "trainer.reuse_old_logprobs=false", "algorithm.kl_coef=0.05"),
             model_path=tiny_qwen2,
         )  # fmt: skip
         m = tr.step_on(hand_trajectories(tr.tokenizer, n_prompts=4, n_samples=2))
         out.append((_snapshot(tr.policy), m))
-    (a, ma), (b, mb) = out
+    (a, ma), (b, mb), (c, mc) = out
     for n in a:
         torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-3)  # 1% of an Adam step
+        torch.testing.assert_close(a[n], c[n], atol=1e-5, rtol=1e-3)
     for k in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm"):
         assert mb[k] == pytest.approx(ma[k], rel=1e-4, abs=1e-6), k
+        assert mc[k] == pytest.approx(ma[k], rel=1e-4, abs=1e-6), k
+    # the budget's split: several micro-batches, each within 160 positions, less padding
+    trajs = hand_trajectories(tr.tokenizer, n_prompts=4, n_samples=2)
+    groups = tr.micro_split(collate(trajs, tr.pad_id), torch.arange(8))
+    assert len(groups) > 1
+    for g in groups:
+        assert len(g) == 1 or padded_tokens(collate([trajs[i] for i in g], tr.pad_id)) <= 160
+    assert mc["perf/update_padded_tokens"] < ma["perf/update_padded_tokens"]
     # padding's cost: the positions the forwards computed hold every real token; 2-row
     # micro-batches in length order compute fewer than one 8-row one padded to the longest
     trajs = hand_trajectories(tr.tokenizer, n_prompts=4, n_samples=2)
