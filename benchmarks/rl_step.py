@@ -48,7 +48,10 @@ beside it (``fixed_batch``; its ratio to ``hf`` in ``ratios``): the per-step upd
 with each setup's own samples, this one does not. Per update it also records the CPU seconds
 this process used (``update_cpu_s``) and those its children used (``engine_cpu_s``: an idle
 engine process should use ~0), so a slow update shows whether the engine took the cores or the
-trainer's own work ran slower.
+trainer's own work ran slower. For an engine in its own process it then alternates N pairs
+of updates with the engine running idle and frozen by SIGSTOP (``engine_ab``, ABBA order):
+drift between processes and rounds cancels, so ``running_over_frozen_tokens_per_s`` is what
+the engine process beside the trainer costs the update, and nothing else.
 
 ``--rounds R`` runs the setups R times, each round in the reverse order of the one before
 (ABBA...), so drift over the run (other load, the machine warming up) falls on every setup
@@ -230,6 +233,7 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
             secs.append(time.perf_counter() - t0)
             own_cpu.append(_cpu_s(me) - c0)
             child_cpu.append(_children_cpu_s(me) - k0)
+        ab = _engine_ab(trainer, trajs, me, n)
     timed = secs[1:] or secs
     return {
         "updates_timed": len(timed),
@@ -242,6 +246,47 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
         "engine_cpu_s": [round(x, 2) for x in child_cpu],
         "update_s_median": round(statistics.median(timed), 3),
         "update_tokens_per_s": round(tokens / statistics.median(timed), 1),
+        **({"engine_ab": ab} if ab else {}),
+    }
+
+
+def _engine_ab(trainer: Any, trajs: list, me: psutil.Process, n: int) -> dict | None:
+    """For an engine in a child process: ``n`` pairs of updates on the fixed batch, one with
+    the engine running (idle) beside it, one with the engine frozen (SIGSTOP: it holds its
+    memory but cannot run), in ABBA order. Both halves run in this process minutes apart at
+    most, so the machine's drift (which moved whole rounds by 10-20% here) cancels, and
+    ``frozen_over_running`` (>1: the idle engine slows the update) is the engine's own cost."""
+    import signal
+
+    engines = [c for c in me.children() if "serve" in c.cmdline() and "engine" in c.cmdline()]
+    if not engines:
+        return None
+    pgid = os.getpgid(engines[0].pid)  # its own group: the server and anything it started
+    out: dict[str, list[float]] = {"running": [], "frozen": []}
+    for i in range(n):
+        for cond in ("running", "frozen") if i % 2 == 0 else ("frozen", "running"):
+            batch = trainer.prepare_batch(trajs)
+            if cond == "frozen":
+                os.killpg(pgid, signal.SIGSTOP)
+            try:
+                t0 = time.perf_counter()
+                trainer.update(batch, 1000 + i)
+                out[cond].append(round(time.perf_counter() - t0, 3))
+            finally:
+                if cond == "frozen":
+                    os.killpg(pgid, signal.SIGCONT)
+    return _ab_summary(out["running"], out["frozen"])
+
+
+def _ab_summary(running: list[float], frozen: list[float]) -> dict:
+    r, f = statistics.median(running), statistics.median(frozen)
+    return {
+        "pairs": len(running),
+        "running_s": running,
+        "frozen_s": frozen,
+        "running_median_s": round(r, 3),
+        "frozen_median_s": round(f, 3),
+        "running_over_frozen_tokens_per_s": round(f / r, 3),
     }
 
 
@@ -411,6 +456,11 @@ def main() -> None:
             result["targets"]["vllm_process_fixed_batch_update_within_5pct_of_hf"] = (
                 abs(vp["fixed_batch_update_tokens_per_s_over_hf"] - 1) <= 0.05
             )
+        ab = result["setups"]["vllm-process"].get("fixed_batch", {}).get("engine_ab")
+        if ab:
+            result["targets"]["vllm_process_engine_beside_update_costs_le_5pct"] = (
+                ab["running_over_frozen_tokens_per_s"] >= 0.95
+            )
     print(json.dumps(result, indent=2))
 
 
@@ -458,6 +508,11 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "update_s_median": round(med, 3),
             "update_tokens_per_s": round(fbs[0]["tokens"] / med, 1),
         }
+        abs_ = [fb["engine_ab"] for fb in fbs if "engine_ab" in fb]
+        if abs_:
+            out["fixed_batch"]["engine_ab"] = _ab_summary(
+                [x for a in abs_ for x in a["running_s"]], [x for a in abs_ for x in a["frozen_s"]]
+            )
     return out
 
 
