@@ -513,6 +513,9 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
             out["fixed_batch"]["engine_ab"] = _ab_summary(
                 [x for a in abs_ for x in a["running_s"]], [x for a in abs_ for x in a["frozen_s"]]
             )
+            out["fixed_batch"]["engine_ab"]["per_round"] = [
+                a["running_over_frozen_tokens_per_s"] for a in abs_
+            ]
     return out
 
 

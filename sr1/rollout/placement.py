@@ -236,12 +236,14 @@ class EngineProcess:
         # the error the caller shows; one we stop (or that finished cleanly) leaves nothing
         died_on_its_own = p is not None and p.poll() not in (None, 0)
         if p is not None and p.poll() is None:
+            exited = False
             for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, sig)
                 if _exited(p, wait):
+                    exited = True
                     break
-            if p.returncode is None:
+            if exited and p.returncode is None:
                 # dead but not yet reaped, so its pid is still its own: a child killed by a
                 # signal leaves libiomp5's /dev/shm registration behind
                 openmp.forget_registration(p.pid)

@@ -318,7 +318,9 @@ def micro_batches(
     if max_rows < 1 or max_tokens < 0:
         raise ValueError(f"max_rows must be >= 1 and max_tokens >= 0, got {max_rows}, {max_tokens}")
     order = length_order(batch, idx)
-    if max_tokens == 0 or len(order) == 0:
+    if len(order) == 0:
+        return []
+    if max_tokens == 0:
         return list(order.split(max_rows))
     P = batch.prompt_len
     plen = batch.attention_mask[order, :P].sum(-1).tolist()
