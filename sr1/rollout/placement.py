@@ -158,6 +158,19 @@ class EngineProcess:
             str(ready),
         ]
 
+    def _temp_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The child's temp dir is its own folder, removed by :meth:`stop`: what it leaves
+        there when killed (vLLM's single-process ``FileStore`` rendezvous file,
+        ``vllm_dist_<uuid>``, one per start) goes with it. torch's compile cache, which lives
+        under the temp dir by default, stays where it was (a user's setting kept), so a new
+        engine does not compile again."""
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        out = {"TMPDIR": str(self._tmp)}
+        if "TORCHINDUCTOR_CACHE_DIR" not in env:
+            out["TORCHINDUCTOR_CACHE_DIR"] = default_cache_dir()
+        return out
+
     def start(self) -> str:
         """Start the child and wait (``rollout.engine_startup_timeout_s``) until it serves."""
         import requests
@@ -167,6 +180,7 @@ class EngineProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
         rc = self.cfg.rollout
         env = openmp.child_env(rc.engine_openmp, rc.engine, self.device, env)
+        env.update(self._temp_env(env))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(ready),

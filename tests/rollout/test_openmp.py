@@ -90,7 +90,7 @@ def test_forget_registration_removes_only_that_pids_files(tmp_path: Path) -> Non
 
 @needs_lib
 @pytest.mark.skipif(not openmp.SHM_DIR.is_dir(), reason="no /dev/shm")
-def test_a_stopped_engine_process_leaves_no_openmp_registration(tiny_qwen2: str) -> None:
+def test_a_stopped_engine_process_leaves_nothing_behind(tiny_qwen2: str) -> None:
     """libiomp5 registers each process in /dev/shm and only its exit handler removes the file,
     so an engine process killed by a signal used to leave one per start. A real ``sr1 serve
     engine`` child (the HF engine with libiomp5 forced, lighter than vLLM): SIGTERM as a
@@ -114,6 +114,16 @@ def test_a_stopped_engine_process_leaves_no_openmp_registration(tiny_qwen2: str)
             proc.start()
             pid = proc.pid
             assert pid is not None and registered(pid), "libiomp5 did not register the child"
+            # its temp dir is its own folder (vLLM's per-start rendezvous file goes there and
+            # is removed with it); torch's compile cache stays shared
+            env = dict(
+                kv.split("=", 1)
+                for kv in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                if "=" in kv
+            )
+            assert env["TMPDIR"] == str(proc._tmp)
+            assert env["TORCHINDUCTOR_CACHE_DIR"] != str(proc._tmp)
+            assert not env["TORCHINDUCTOR_CACHE_DIR"].startswith(str(proc._tmp))
             if how == "sigterm":
                 os.killpg(pid, signal.SIGTERM)
                 assert proc.proc is not None
@@ -126,6 +136,8 @@ def test_a_stopped_engine_process_leaves_no_openmp_registration(tiny_qwen2: str)
             if how == "kill":
                 assert proc.proc is not None and proc.proc.returncode == -signal.SIGKILL
             assert not registered(pid), how
+            if how != "sigterm":  # stopped by sr1: the folder goes (one that died keeps its log)
+                assert not proc._tmp.exists(), how
         finally:
             proc.stop()
             # a child that exited on its own (the SIGTERM case) keeps its folder for the log
