@@ -326,7 +326,6 @@ def micro_batches(
     plen = batch.attention_mask[order, :P].sum(-1).tolist()
     rlen = batch.response_valid[order].sum(-1).long().tolist()
     n = len(order)
-    inf = (float("inf"), float("inf"))
 
     def groups_ending_at(j: int) -> Iterator[tuple[int, int]]:
         """(start, padded tokens) of every allowed group ``[start, j)``."""
@@ -338,36 +337,29 @@ def micro_batches(
                 return  # a wider group only costs more
             yield i, cost
 
-    if n_groups is None:  # fewest groups, then least padding
-        best: list[tuple[float, float]] = [(0, 0)] + [inf] * n
-        back = [0] * (n + 1)
-        for j in range(1, n + 1):
-            for i, cost in groups_ending_at(j):
-                cand = (best[i][0] + 1, best[i][1] + cost)
-                if cand < best[j]:
-                    best[j], back[j] = cand, i
-        cuts, j = [], n
+    if n_groups is None:
+        # the fewest groups: greedy from the end, each group as long as allowed (a sub-run of
+        # an allowed group is allowed, so no split has fewer)
+        n_groups, j = 0, n
         while j > 0:
-            cuts.append(j)
-            j = back[j]
-    else:  # exactly n_groups groups, least padding
-        k_max = min(n_groups, n)
-        table = [[float("inf")] * (n + 1) for _ in range(k_max + 1)]
-        prev = [[0] * (n + 1) for _ in range(k_max + 1)]
-        table[0][0] = 0.0
-        for j in range(1, n + 1):
-            for i, cost in groups_ending_at(j):
-                for k in range(1, k_max + 1):
-                    c = table[k - 1][i] + cost
-                    if c < table[k][j]:
-                        table[k][j], prev[k][j] = c, i
-        if table[k_max][n] == float("inf"):
-            raise ValueError(
-                f"cannot split {n} rows into {k_max} micro-batches of <= {max_rows} rows"
-            )
-        cuts, j, k = [], n, k_max
-        while j > 0:
-            cuts.append(j)
-            j, k = prev[k][j], k - 1
+            j = min(i for i, _ in groups_ending_at(j))
+            n_groups += 1
+    # of the splits into exactly n_groups groups, the least padding
+    k_max = min(n_groups, n)
+    table = [[float("inf")] * (n + 1) for _ in range(k_max + 1)]
+    prev = [[0] * (n + 1) for _ in range(k_max + 1)]
+    table[0][0] = 0.0
+    for j in range(1, n + 1):
+        for i, cost in groups_ending_at(j):
+            for k in range(1, k_max + 1):
+                c = table[k - 1][i] + cost
+                if c < table[k][j]:
+                    table[k][j], prev[k][j] = c, i
+    if table[k_max][n] == float("inf"):
+        raise ValueError(f"cannot split {n} rows into {k_max} micro-batches of <= {max_rows} rows")
+    cuts, j, k = [], n, k_max
+    while j > 0:
+        cuts.append(j)
+        j, k = prev[k][j], k - 1
     bounds = [0, *reversed(cuts)]
     return [order[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
