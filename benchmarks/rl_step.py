@@ -44,24 +44,35 @@ behaviour.
 
 ``--fixed-updates N`` also times, per setup, the update alone on one fixed batch (gold search
 trajectories, the same tokens in every setup) N times with the setup's engine open and idle
-beside it (``fixed_batch``; its ratio to ``hf`` in ``ratios``): the per-step update rates vary
+beside it, frozen as training freezes it (``rollout.engine_pause``; ``engine_paused``)
+(``fixed_batch``; its ratio to ``hf`` in ``ratios``): the per-step update rates vary
 with each setup's own samples, this one does not. Per update it also records the CPU seconds
 this process used (``update_cpu_s``) and those its children used (``engine_cpu_s``: an idle
 engine process should use ~0), so a slow update shows whether the engine took the cores or the
 trainer's own work ran slower. For an engine in its own process it then alternates N pairs
 of updates with the engine running idle and frozen by SIGSTOP (``engine_ab``, ABBA order):
 drift between processes and rounds cancels, so ``running_over_frozen_tokens_per_s`` is what
-the engine process beside the trainer costs the update, and nothing else.
+the engine process beside the trainer costs the update when it is not frozen (what
+``rollout.engine_pause`` saves), and nothing else.
 
 ``--rounds R`` runs the setups R times, each round in the reverse order of the one before
 (ABBA...), so drift over the run (other load, the machine warming up) falls on every setup
 alike; ``setups`` then pools the timed steps (and fixed-batch updates) of all rounds, and
 ``per_round`` keeps each round's ratios.
 
+``--lockstep`` runs a round's setups side by side instead, taking turns: each setup's process
+stops itself (SIGSTOP) after every training step and fixed-batch update, its engine process is
+frozen with it, and the next setup continues; one setup runs at a time, and turns of
+different setups are seconds apart, so the machine's drift (it moved whole setups by 10-30%
+here) falls on all alike. With it, ``ratios`` also give the per-step update rate ratio's
+standard error over the timed steps (``*_se``; each step's rate varies with its batch).
+Per step, ``prepare_s`` and ``optimise_s`` split the update into the batch's preparation
+(reference/old log-prob forwards, advantages) and the optimiser's passes.
+
 Each setup's ``engine_openmp`` is the OpenMP runtime its engine ran (``rollout.engine_openmp``:
 the vLLM child gets Intel's libiomp5, an in-process engine runs the trainer's libgomp).
 
-Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm-process,vllm-process-async] [--fixed-updates 6] [--dtype auto] [--rounds 1] [--set trainer.micro_batch_size=4]``
+Run: ``.venv/bin/python benchmarks/rl_step.py [--steps 3] [--setups hf,vllm,vllm-process,vllm-process-async] [--fixed-updates 6] [--dtype auto] [--rounds 1] [--lockstep] [--set trainer.micro_batch_size=4]``
 """
 
 from __future__ import annotations
@@ -128,10 +139,41 @@ KEYS = {  # reported name -> step metric
     "searches_mean": "search/mean",
     "policy_lag": "rollout/policy_lag",
 }
+# also per step: prepare_s and optimise_s (the update's two parts, see run_setup)
 
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# --lockstep: the setups' processes take turns, a step (or fixed update) at a time
+_TURN_FD: int | None = None  # a child's end of the pipe it announces its turns' ends on
+_STOPPED_S = 0.0  # seconds this child spent stopped while the others ran
+
+
+def turn() -> None:
+    """In a lockstep child: say this turn is over and stop (SIGSTOP) until the orchestrator
+    continues it; elsewhere nothing."""
+    global _STOPPED_S
+    if _TURN_FD is None:
+        return
+    import signal
+
+    os.write(_TURN_FD, b"turn\n")
+    t0 = time.perf_counter()
+    os.kill(os.getpid(), signal.SIGSTOP)
+    _STOPPED_S += time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _turn_per_step(label: str, total: int | None, completed: int = 0) -> Any:
+    """A progress factory (sr1.progress) that ends a turn after each training step."""
+
+    def advance(n: int, *, description: str | None = None) -> None:
+        if n > 0 and label == "train":
+            turn()
+
+    yield advance
 
 
 def prepare(home: Path, model: str) -> dict[str, Any]:
@@ -211,6 +253,7 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
     """
     import dataclasses
 
+    from sr1.train.rollouts import pauses_engine
     from sr1.train.sft import gold_trajectory
     from sr1.train.trainer import RLTrainer
 
@@ -224,18 +267,27 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
     tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
     secs, own_cpu, child_cpu = [], [], []
     me = psutil.Process()
-    # the setup's engine, opened as training opens it, idle while the updates are timed
-    with tempfile.TemporaryDirectory() as log_dir, trainer.open_engine(Path(log_dir), version=0):
+    # the setup's engine, opened as training opens it, idle while the updates are timed, and
+    # frozen as training freezes it (rollout.engine_pause)
+    pause = pauses_engine(cfg)
+    with (
+        tempfile.TemporaryDirectory() as log_dir,
+        trainer.open_engine(Path(log_dir), version=0) as engine,
+    ):
         for i in range(n):
             batch = trainer.prepare_batch(trajs)
-            c0, k0, t0 = _cpu_s(me), _children_cpu_s(me), time.perf_counter()
-            trainer.update(batch, i + 1)
-            secs.append(time.perf_counter() - t0)
+            idle = engine.process.paused() if pause else contextlib.nullcontext()
+            with idle:
+                c0, k0, t0 = _cpu_s(me), _children_cpu_s(me), time.perf_counter()
+                trainer.update(batch, i + 1)
+                secs.append(time.perf_counter() - t0)
             own_cpu.append(_cpu_s(me) - c0)
             child_cpu.append(_children_cpu_s(me) - k0)
+            turn()  # --lockstep: the other setups update this batch next
         ab = _engine_ab(trainer, trajs, me, n)
     timed = secs[1:] or secs
     return {
+        "engine_paused": pause,
         "updates_timed": len(timed),
         "rows": len(trajs),
         "tokens": tokens,
@@ -290,6 +342,38 @@ def _ab_summary(running: list[float], frozen: list[float]) -> dict:
     }
 
 
+class _StepParts:
+    """Seconds of each ``RLTrainer.prepare_batch`` and ``RLTrainer.update`` call while on."""
+
+    def __init__(self) -> None:
+        from sr1.train.trainer import RLTrainer
+
+        self.prepare: list[float] = []
+        self.update: list[float] = []
+        self.on = True
+        self._real = {n: getattr(RLTrainer, n) for n in ("prepare_batch", "update")}
+        for name, into in (("prepare_batch", self.prepare), ("update", self.update)):
+            setattr(RLTrainer, name, self._timed(self._real[name], into))
+
+    def _timed(self, fn: Any, into: list[float]) -> Any:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if self.on:
+                    into.append(time.perf_counter() - t0)
+
+        return wrapper
+
+    def stop(self) -> None:
+        from sr1.train.trainer import RLTrainer
+
+        self.on = False
+        for name, fn in self._real.items():
+            setattr(RLTrainer, name, fn)
+
+
 def run_setup(
     name: str,
     prep: dict[str, Any],
@@ -318,9 +402,19 @@ def run_setup(
     tok = models.load_tokenizer(prep["model_path"])
     rows = rows_for(prep, cfg, tok, 64)
     retriever = open_retriever(cfg.retrieval.index, cfg.retrieval)
+    parts = _StepParts()
     t0 = time.perf_counter()
-    res = train(cfg, "grpo", prep["model_path"], max_steps=steps, rows=rows, retriever=retriever)
-    wall = time.perf_counter() - t0
+    res = train(
+        cfg,
+        "grpo",
+        prep["model_path"],
+        max_steps=steps,
+        rows=rows,
+        retriever=retriever,
+        progress=_turn_per_step if _TURN_FD is not None else None,
+    )
+    wall = time.perf_counter() - t0 - _STOPPED_S
+    parts.stop()
     params = Store().get_run(res["run_id"])["params"]
     per_step = res["steps"]
     timed = per_step[1:] or per_step
@@ -334,12 +428,24 @@ def run_setup(
         # the policy module (fp32 on CPU), the others model.dtype (auto: bf16 where native)
         "engine_dtype": params["engine_dtype"],
         "engine_openmp": params.get("engine_openmp"),
+        # the engine process frozen during each update (rollout.engine_pause)
+        "engine_pause": params.get("engine_pause"),
+        # freed memory kept for the next step (trainer.cpu_malloc_cache)
+        "cpu_malloc_cache": params.get("cpu_malloc_cache"),
     }
     for k, m in KEYS.items():
         vals = [s[m] for s in timed if m in s]
         if vals:
             out[k] = round(statistics.mean(vals), 3)
     out["per_step"] = [{k: round(s[m], 3) for k, m in KEYS.items() if m in s} for s in per_step]
+    # the update's two parts: the batch's preparation (reference / old log-prob forwards,
+    # advantages) and the optimiser's passes (RLTrainer.prepare_batch, RLTrainer.update)
+    for st, prep_s, opt_s in zip(out["per_step"], parts.prepare, parts.update, strict=False):
+        st["prepare_s"], st["optimise_s"] = round(prep_s, 3), round(opt_s, 3)
+    for k in ("prepare_s", "optimise_s"):
+        vals = [st[k] for st in out["per_step"][1:] or out["per_step"] if k in st]
+        if vals:
+            out[k] = round(statistics.mean(vals), 3)
     if fixed > 0:
         out["fixed_batch"] = fixed_update(cfg, prep, rows, retriever, fixed)
     return out
@@ -379,6 +485,14 @@ def main() -> None:
         help="Extra config override for every setup (repeatable), e.g. "
         "trainer.micro_batch_size=4; the shape above is fixed unless overridden here.",
     )
+    ap.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="Run a round's setups side by side, taking turns a step (and a fixed-batch update) "
+        "at a time, each frozen while another runs: the machine's drift over minutes falls on "
+        "every setup alike (default: one setup after the other).",
+    )
+    ap.add_argument("--turn-fd", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: run one setup
     ap.add_argument("--prep", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -386,6 +500,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     if args.one:  # a child: one setup, its JSON on stdout
+        global _TURN_FD
+        _TURN_FD = args.turn_fd
         prep = json.loads(args.prep)
         res = run_setup(args.one, prep, args.steps, args.fixed_updates, args.dtype, args.sets)
         print(json.dumps(res))
@@ -418,13 +534,21 @@ def main() -> None:
     for rnd in range(args.rounds):
         order = names if rnd % 2 == 0 else names[::-1]
         this: dict[str, Any] = {}
+        if args.lockstep:
+            log(f"round {rnd + 1}/{args.rounds}: setups {', '.join(order)} in lockstep ...")
+            steal0 = steal_s()
+            this = run_lockstep(order, child_args(args), prep)
+            for name in order:
+                if "error" not in this[name]:
+                    this[name]["cpu_steal_s"] = round(steal_s() - steal0, 1)  # the round's
+                    runs[name].append(this[name])
+            per_round.append({"order": order, "ratios": ratios_to_hf(this)})
+            continue
         for name in order:
             log(f"round {rnd + 1}/{args.rounds}: setup {name} ...")
             t0 = time.perf_counter()
             cmd = [sys.executable, __file__, "--one", name, "--prep", json.dumps(prep)]
-            cmd += ["--steps", str(args.steps), "--fixed-updates", str(args.fixed_updates)]
-            cmd += ["--dtype", args.dtype] if args.dtype else []
-            cmd += [a for s in args.sets for a in ("--set", s)]
+            cmd += child_args(args)
             steal0 = steal_s()
             p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
             if p.returncode != 0:
@@ -456,12 +580,91 @@ def main() -> None:
             result["targets"]["vllm_process_fixed_batch_update_within_5pct_of_hf"] = (
                 abs(vp["fixed_batch_update_tokens_per_s_over_hf"] - 1) <= 0.05
             )
-        ab = result["setups"]["vllm-process"].get("fixed_batch", {}).get("engine_ab")
-        if ab:
-            result["targets"]["vllm_process_engine_beside_update_costs_le_5pct"] = (
-                ab["running_over_frozen_tokens_per_s"] >= 0.95
-            )
+        # (fixed_batch.engine_ab: what the engine would cost the update running beside it,
+        # which training avoids by freezing it, rollout.engine_pause)
     print(json.dumps(result, indent=2))
+
+
+def child_args(args: argparse.Namespace) -> list[str]:
+    """The options a setup's child process gets from this one's."""
+    out = ["--steps", str(args.steps), "--fixed-updates", str(args.fixed_updates)]
+    out += ["--dtype", args.dtype] if args.dtype else []
+    return out + [a for s in args.sets for a in ("--set", s)]
+
+
+def _groups_below(pid: int) -> set[int]:
+    """The process groups of ``pid``'s descendants other than its own (its engine's)."""
+    own = os.getpgid(pid)
+    out = set()
+    for c in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            g = os.getpgid(c.pid)
+            if g != own:
+                out.add(g)
+    return out
+
+
+def run_lockstep(order: list[str], extra: list[str], prep: dict[str, Any]) -> dict[str, Any]:
+    """The setups side by side: each child runs until it ends a turn (a training step, a
+    fixed-batch update: :func:`turn`) and stops itself; its engine process is then frozen
+    too and the next setup continues. One setup runs at any moment, and consecutive turns
+    of different setups are seconds apart, so slow drift of the machine's speed falls on
+    all alike. A setup starts (loads, starts its engine) while the others are frozen."""
+    import signal
+
+    live: list[str] = list(order)
+    procs: dict[str, tuple[subprocess.Popen[str], Any, Any]] = {}
+    out: dict[str, Any] = {}
+    i = 0
+    with contextlib.ExitStack() as files:
+        try:
+            while live:
+                name = live[i % len(live)]
+                if name not in procs:
+                    r, w = os.pipe()
+                    res_file = files.enter_context(tempfile.TemporaryFile(mode="w+"))
+                    pipe = files.enter_context(os.fdopen(r, "rb", buffering=0))
+                    cmd = [sys.executable, __file__, "--one", name, "--prep", json.dumps(prep)]
+                    cmd += [*extra, "--turn-fd", str(w)]
+                    p = subprocess.Popen(cmd, stdout=res_file, text=True, pass_fds=(w,))
+                    os.close(w)
+                    procs[name] = (p, pipe, res_file)
+                    log(f"lockstep: {name} started (pid {p.pid})")
+                else:
+                    p = procs[name][0]
+                    for g in _groups_below(p.pid):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(g, signal.SIGCONT)
+                    os.kill(p.pid, signal.SIGCONT)
+                p, pipe, res_file = procs[name]
+                if pipe.readline():  # a turn ended: the child stops itself
+                    os.waitid(os.P_PID, p.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+                    for g in _groups_below(p.pid):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(g, signal.SIGSTOP)
+                    i += 1
+                    continue
+                p.wait()  # the child is done (its pipe closed)
+                res_file.seek(0)
+                lines = res_file.read().strip().splitlines()
+                if p.returncode == 0 and lines:
+                    out[name] = json.loads(lines[-1])
+                else:
+                    out[name] = {"error": f"exit code {p.returncode} (see stderr)"}
+                log(f"lockstep: {name} done")
+                live.remove(name)  # the next setup takes index i now
+                if live:
+                    i %= len(live)
+        finally:
+            for p, _, _ in procs.values():
+                if p.poll() is None:
+                    for g in _groups_below(p.pid):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(g, signal.SIGCONT)
+                    os.kill(p.pid, signal.SIGCONT)
+                    p.terminate()
+                    p.wait()
+    return out
 
 
 def steal_s() -> float:
@@ -482,11 +685,13 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
     timed = [st for r in runs for st in r["per_step"][1:] or r["per_step"]]
     out: dict[str, Any] = {k: runs[0][k] for k in ("setup", "sets", "engine_dtype")}
     out["engine_openmp"] = runs[0].get("engine_openmp")
+    out["engine_pause"] = runs[0].get("engine_pause")
+    out["cpu_malloc_cache"] = runs[0].get("cpu_malloc_cache")
     out["rounds"] = len(runs)
     out["steps_timed"] = len(timed)
     out["startup_s"] = round(statistics.mean(r["startup_s"] for r in runs), 1)
     out["cpu_steal_s"] = [r.get("cpu_steal_s") for r in runs]
-    for k in KEYS:
+    for k in (*KEYS, "prepare_s", "optimise_s"):
         vals = [st[k] for st in timed if k in st]
         if vals:
             out[k] = round(statistics.mean(vals), 3)
@@ -499,6 +704,7 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
         secs = [x for fb in fbs for x in fb["update_s"][1:] or fb["update_s"]]
         med = statistics.median(secs)
         out["fixed_batch"] = {
+            "engine_paused": fbs[0].get("engine_paused"),
             "updates_timed": len(secs),
             "rows": fbs[0]["rows"],
             "tokens": fbs[0]["tokens"],
@@ -519,8 +725,25 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _timed_steps(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """A setup's timed steps (each round's after its first)."""
+    rounds = [pr["per_step"] for pr in r["per_round"]] if "per_round" in r else [r["per_step"]]
+    return [st for steps in rounds for st in steps[1:] or steps]
+
+
+def _ratio_se(num: list[float], den: list[float]) -> float | None:
+    """Standard error of mean(num) / mean(den) for independent samples (delta method)."""
+    if len(num) < 2 or len(den) < 2:
+        return None
+    mn, md = statistics.mean(num), statistics.mean(den)
+    rel = statistics.variance(num) / len(num) / mn**2 + statistics.variance(den) / len(den) / md**2
+    return round(mn / md * rel**0.5, 3)
+
+
 def ratios_to_hf(setups: dict[str, Any]) -> dict[str, Any]:
-    """Each setup's step, generation and update rates over the ``hf`` setup's."""
+    """Each setup's step, generation and update rates over the ``hf`` setup's; for the
+    per-step update rates also the ratio's standard error over the timed steps (each step's
+    rate varies with its batch and the machine: the error says what the steps can tell)."""
     base = setups.get("hf", {})
     ratios: dict[str, Any] = {}
     for name, r in setups.items():
@@ -533,6 +756,13 @@ def ratios_to_hf(setups: dict[str, Any]) -> dict[str, Any]:
                 r["update_tokens_per_s"] / base["update_tokens_per_s"], 3
             ),
         }
+        for key in ("update_tokens_per_s", "update_padded_tokens_per_s"):
+            se = _ratio_se(
+                [st[key] for st in _timed_steps(r) if key in st],
+                [st[key] for st in _timed_steps(base) if key in st],
+            )
+            if se is not None:
+                ratios[name][f"{key}_over_hf_se"] = se
         if "update_padded_tokens_per_s" in r and "update_padded_tokens_per_s" in base:
             ratios[name]["update_padded_tokens_per_s_over_hf"] = round(
                 r["update_padded_tokens_per_s"] / base["update_padded_tokens_per_s"], 3

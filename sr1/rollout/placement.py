@@ -9,6 +9,9 @@
   ``/health`` answers, and stops it (SIGTERM to the group, then SIGKILL) when the command ends:
   normally, on an error, on Ctrl-C or SIGTERM (the context manager's exit, with ``atexit`` as
   a backstop and, on Linux, ``PR_SET_PDEATHSIG`` should the parent be killed outright).
+  ``EngineProcess.paused()`` freezes it (SIGSTOP) while the trainer updates
+  (``rollout.engine_pause``); the group stays in sr1's session, so should sr1 die while it is
+  frozen, the kernel continues the orphaned group (SIGHUP, SIGCONT) and it exits.
 - ``rollout.placement=inprocess`` (default): :func:`~sr1.rollout.engines.make_engine` here.
 """
 
@@ -120,6 +123,7 @@ class EngineProcess:
         self.log_path = Path(log_path) if log_path else self._tmp / "engine.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
+        self.frozen = False  # SIGSTOPped by pause()
 
     @property
     def pid(self) -> int | None:
@@ -188,7 +192,10 @@ class EngineProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                start_new_session=True,  # its own process group: Ctrl-C goes to sr1, not it
+                # its own process group (Ctrl-C goes to sr1, not it) in sr1's session: when
+                # sr1 dies, a group left stopped (pause) is orphaned, and the kernel sends it
+                # SIGHUP + SIGCONT, so the pending PR_SET_PDEATHSIG SIGTERM is not stuck
+                process_group=0,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         with _LIVE_LOCK:
@@ -239,6 +246,45 @@ class EngineProcess:
             msg += f" (its log {self.log_path} is empty)"
         return EngineDied(msg, code, tail)
 
+    def pause(self, wait_s: float = 5.0) -> None:
+        """Freeze the child's process group (SIGSTOP): it keeps its memory and sockets but
+        takes no CPU until :meth:`resume`. Returns once the child has stopped (a signal is
+        delivered when its target next runs), within ``wait_s``. A child that has exited is
+        left as it is."""
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGSTOP)
+            self.frozen = True
+        deadline = time.monotonic() + wait_s
+        while self.frozen and time.monotonic() < deadline:
+            try:  # reports a stop (or an exit) without consuming it
+                flags = os.WSTOPPED | os.WEXITED | os.WNOWAIT | os.WNOHANG
+                if os.waitid(os.P_PID, p.pid, flags) is not None:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.001)
+
+    def resume(self) -> None:
+        """Continue a group :meth:`pause` froze (SIGCONT); idempotent."""
+        if self.proc is not None and self.frozen:
+            self.frozen = False
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The child frozen for the block and continued however it ends (an exception,
+        Ctrl-C). Nothing may talk to the server inside it: a request would wait for the
+        block's end."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
     def stop(self, grace_s: float = 5.0, keep_log: bool = False) -> None:
         """SIGTERM the child's process group, SIGKILL it after ``grace_s``; idempotent. Its
         temporary folder (config, ready file, and the log unless ``log_path`` is elsewhere) is
@@ -246,6 +292,7 @@ class EngineProcess:
         with _LIVE_LOCK:
             _LIVE.discard(self)
         p = self.proc
+        self.resume()  # a frozen process would hold SIGTERM pending, and its grace with it
         # a child that exited on its own with an error keeps its folder: its log is quoted in
         # the error the caller shows; one we stop (or that finished cleanly) leaves nothing
         died_on_its_own = p is not None and p.poll() not in (None, 0)
@@ -441,10 +488,10 @@ def engine_dtype_report(cfg: ExperimentConfig) -> dict[str, Any]:
     rc = cfg.rollout
     if rc.engine_url:
         return {"requested": cfg.model.dtype, "resolved": None, "engine_url": rc.engine_url}
-    return dtype_report(cfg.model.dtype, _engine_device(cfg))
+    return dtype_report(cfg.model.dtype, engine_device(cfg))
 
 
-def _engine_device(cfg: ExperimentConfig) -> str:
+def engine_device(cfg: ExperimentConfig) -> str:
     """The device an engine sr1 runs itself is on: ``rollout.engine_device`` for
     placement=process, else the command's."""
     rc = cfg.rollout
@@ -462,7 +509,7 @@ def engine_openmp_report(cfg: ExperimentConfig) -> str | None:
     if rc.engine_url:
         return None
     if rc.placement == "process" and openmp.wants_intel(
-        rc.engine_openmp, rc.engine, _engine_device(cfg)
+        rc.engine_openmp, rc.engine, engine_device(cfg)
     ):
         return "intel"
     return openmp.loaded_runtime()
@@ -480,6 +527,7 @@ __all__ = [
     "EngineDied",
     "EngineError",
     "EngineProcess",
+    "engine_device",
     "engine_dtype_report",
     "engine_openmp_report",
     "open_engine",

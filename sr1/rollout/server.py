@@ -49,6 +49,14 @@ from sr1.errors import Sr1Error
 from sr1.rollout.openmp import forget_registration, loaded_runtime
 from sr1.rollout.remote import WEIGHTS_PREFIX, host_key, iter_safetensors
 
+# How long the server keeps a client's idle connection open. Its clients (a trainer, an eval)
+# go quiet between requests for a whole update, minutes on a large model, or frozen with the
+# server (rollout.engine_pause); under uvicorn's default of 5 s the server closes the pooled
+# connection meanwhile, and the next request races that close: "connection reset" (seen when
+# both were continued after a freeze, whose expired timer fires at once). A day is past any
+# update; the clients are few (one per trainer rank or eval).
+KEEP_ALIVE_S = 24 * 3600
+
 
 class BadRequest(Exception):
     """A client error: a 400 with ``{"error": message}``."""
@@ -358,9 +366,10 @@ def make_asgi(svc: EngineService) -> Any:
 
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:
-    """SIGTERM after uvicorn's shutdown: exit at once as the signal would (tearing down vLLM
-    and torch took 1-3 s), minus what dying by a signal leaves behind: libiomp5's /dev/shm
-    registration, which only its exit handler removes."""
+    """SIGTERM after uvicorn's shutdown, or SIGHUP (a closed terminal; the kernel's signal to
+    an orphaned group that sr1 left frozen, ``EngineProcess.paused``): exit at once as the
+    signal would (tearing down vLLM and torch took 1-3 s), minus what dying by a signal leaves
+    behind: libiomp5's /dev/shm registration, which only its exit handler removes."""
     forget_registration(os.getpid())
     os._exit(128 + signum)
 
@@ -383,12 +392,14 @@ def serve(
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=3,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     server = uvicorn.Server(config)
     # uvicorn shuts down on SIGTERM and then raises it again under the handler it found
     main = threading.current_thread() is threading.main_thread()
-    if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _exit_on_signal)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if main and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _exit_on_signal)
     if ready_file:
         from sr1.io import write_json_atomic
 

@@ -24,8 +24,9 @@ placement").
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -53,9 +54,34 @@ def check_async(cfg: Any) -> None:
         )
 
 
+def pauses_engine(cfg: Any) -> bool:
+    """Whether ``sr1 train`` freezes the engine process it started while the trainer updates
+    (``rollout.engine_pause``): synchronous, placement=process, and on (or auto with the
+    engine on CPU, where it shares the trainer's cores). ``always`` where it cannot apply is a
+    ConfigError."""
+    from sr1 import models
+    from sr1.rollout.placement import engine_device
+
+    rc = cfg.rollout
+    applies = cfg.trainer.async_steps == 0 and rc.placement == "process" and not rc.engine_url
+    if rc.engine_pause == "always" and not applies:
+        raise ConfigError(
+            "rollout.engine_pause=always freezes the engine process sr1 starts during a synchronous "
+            f"update; here rollout.placement={rc.placement}, rollout.engine_url="
+            f"{rc.engine_url}, trainer.async_steps={cfg.trainer.async_steps}",
+            hint="use it with --set rollout.placement=process (no engine_url) and "
+            "trainer.async_steps=0, or leave rollout.engine_pause=auto",
+        )
+    if not applies or rc.engine_pause == "never":
+        return False
+    return rc.engine_pause == "always" or models.pick_device(engine_device(cfg)) == "cpu"
+
+
 class StepRollouts:
     """``get(step)``: the scored trajectories of that step; ``push(weights, version)``: the
-    new weights after the step's update. ``close()`` stops the producer (async)."""
+    new weights after the step's update; ``idle()``: the block (the update) in which nothing
+    samples, with the engine process frozen (:func:`pauses_engine`). ``close()`` stops the
+    producer (async)."""
 
     def __init__(
         self,
@@ -145,6 +171,17 @@ class StepRollouts:
             self._cond.notify_all()
         return trajs
 
+    @contextlib.contextmanager
+    def idle(self) -> Iterator[None]:
+        """The engine frozen for the block when :func:`pauses_engine` says so (synchronous:
+        no rollout is in flight), continued however the block ends; else nothing."""
+        proc = getattr(self.engine, "process", None)
+        if self.k == 0 and proc is not None and pauses_engine(self.cfg):
+            with proc.paused():
+                yield
+        else:
+            yield
+
     def push(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Give the engine ``version``'s weights (after an in-flight batch, if any)."""
         try:
@@ -226,4 +263,4 @@ def stale(trajs: Sequence[Trajectory], version: int) -> bool:
     return any(int(t.policy_version) < int(version) for t in trajs)
 
 
-__all__ = ["StepRollouts", "check_async", "policy_lag", "stale"]
+__all__ = ["StepRollouts", "check_async", "pauses_engine", "policy_lag", "stale"]

@@ -225,6 +225,7 @@ def sft(
 
     from sr1.retrieval import open_retriever
     from sr1.tracking.run import RunInterrupted, StopSignals, start_run
+    from sr1.train import allocator
     from sr1.train.trainer import _load_train_rows
 
     cfg = dataclasses.replace(
@@ -238,6 +239,7 @@ def sft(
     base = models.resolve(model)
     dev = models.pick_device(cfg.model.device)
     models.mixed_precision_dtype(t.mixed_precision)  # an unknown mode fails before any work
+    malloc_cache = allocator.apply(t.cpu_malloc_cache, dev)  # freed memory kept for reuse
     tok = models.load_tokenizer(base, cfg.model.revision)
     torch.manual_seed(t.seed)
     if rows is None:
@@ -297,6 +299,7 @@ def sft(
                 "dtype": models.dtype_report(cfg.model.dtype, dev, training=True),
                 "mixed_precision": t.mixed_precision,
                 "mixed_precision_resolved": models.resolve_mixed_precision(t.mixed_precision, dev),
+                "cpu_malloc_cache": malloc_cache,
             }
         )
         step = 0

@@ -54,6 +54,7 @@ from sr1.registry import Registry
 from sr1.rollout.engines import named_weights
 from sr1.rollout.placement import engine_openmp_report
 from sr1.rollout.types import Trajectory
+from sr1.train import allocator
 from sr1.train.batch import (
     TrainBatch,
     batched_logprobs,
@@ -89,7 +90,7 @@ from sr1.train.dist import (
     reduce_timings,
     sum_reducer,
 )
-from sr1.train.rollouts import StepRollouts, check_async, policy_lag, stale
+from sr1.train.rollouts import StepRollouts, check_async, pauses_engine, policy_lag, stale
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class RLTrainer:
                 hint="pass --set rollout.n_samples=5 (the paper's group size)",
             )
         check_async(cfg)  # async rollouts need the engine outside this process
+        pauses_engine(cfg)  # rollout.engine_pause=on where it cannot apply: refused now
         self.adv_name = cfg.algorithm.adv_estimator or self.spec.adv_estimator
         core.ADV_ESTIMATORS.get(self.adv_name)
         core.POLICY_LOSSES.get(cfg.algorithm.policy_loss)
@@ -198,6 +200,8 @@ class RLTrainer:
         # trainer.mixed_precision's autocast); bf16 on GPUs that have it
         dtype = models.pick_dtype(cfg.model.dtype, dev, training=True)
         self.dtype = dtype
+        # freed memory kept for the next step on CPU (trainer.cpu_malloc_cache)
+        self.malloc_cache = allocator.apply(cfg.trainer.cpu_malloc_cache, accelerator.device.type)
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = models.load_tokenizer(self.base, cfg.model.revision)
         pad = self.tokenizer.pad_token_id
@@ -946,6 +950,8 @@ def train(
                     "dtype": str(trainer.dtype).removeprefix("torch."),
                     "engine_dtype": trainer.engine_dtype(),
                     "engine_openmp": engine_openmp_report(cfg),
+                    "engine_pause": pauses_engine(cfg),
+                    "cpu_malloc_cache": trainer.malloc_cache,
                     "mixed_precision": cfg.trainer.mixed_precision,
                     "mixed_precision_resolved": models.resolve_mixed_precision(
                         cfg.trainer.mixed_precision, str(trainer.acc.device)
@@ -973,7 +979,8 @@ def train(
                     # this step's batch: rolled out now, or (trainer.async_steps) ahead of time
                     trajs = rollouts.get(step)
                     t1 = time.perf_counter()
-                    m = trainer.step_on(trajs)
+                    with rollouts.idle():  # the engine process frozen (rollout.engine_pause)
+                        m = trainer.step_on(trajs)
                     tu = time.perf_counter()
                     rollouts.push(trainer.engine_weights(), step)  # the engine now samples v=step
                     t2 = time.perf_counter()

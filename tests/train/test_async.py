@@ -163,3 +163,69 @@ def test_serve_engine_drives_train_and_eval_through_the_cli(tiny_qwen2, engine_s
               "--method", "search", "--json", *sets])  # fmt: skip
     assert ev["datasets"]["synth"]["n"] == 3
     assert placement.RemoteEngine(url, load_tokenizer(tiny_qwen2)).health()["version"] == 0
+
+
+def _state(pid: int) -> str:
+    """The process state letter of ``pid`` (/proc: R running, S sleeping, T stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize("pause", ["auto", "never"])
+def test_a_synchronous_update_runs_with_the_engine_process_frozen(
+    tiny_qwen2, setup, monkeypatch, pause
+) -> None:
+    """rollout.engine_pause: the engine process sr1 started (the real HF `sr1 serve engine`
+    child) is stopped (SIGSTOP) during every update on CPU and running for the rollouts and
+    weight pushes around it; never leaves it running. The run records which."""
+    index, data = setup
+    cfg = tiny_cfg(
+        "grpo", index, "rollout.placement=process", "rollout.engine=hf",
+        f"rollout.engine_pause={pause}",
+    )  # fmt: skip
+    real = trainer_mod.RLTrainer.step_on
+    before = set(placement._LIVE)  # session-scoped engine servers of other tests stay up
+    states: list[tuple[str, str]] = []
+
+    def step_seeing_the_engine(self, trajs):
+        (proc,) = list(placement._LIVE - before)
+        states.append(("update", _state(proc.pid)))
+        return real(self, trajs)
+
+    real_get = trainer_mod.StepRollouts.get
+
+    def get_seeing_the_engine(self, step):
+        states.append(("rollout", _state(self.engine.process.pid)))
+        return real_get(self, step)
+
+    monkeypatch.setattr(trainer_mod.RLTrainer, "step_on", step_seeing_the_engine)
+    monkeypatch.setattr(trainer_mod.StepRollouts, "get", get_seeing_the_engine)
+    res = train(cfg, "grpo", tiny_qwen2, max_steps=2, progress=False, rows=data)
+    frozen = pause == "auto"
+    assert [w for w, _ in states] == ["rollout", "update"] * 2
+    assert [s == "T" for w, s in states if w == "update"] == [frozen, frozen], states
+    assert all(s != "T" for w, s in states if w == "rollout"), states
+    params = Store().get_run(res["run_id"])["params"]
+    assert params["engine_pause"] in (frozen, str(frozen))
+    assert params["cpu_malloc_cache"] in (False, "False")  # opt-in (trainer.cpu_malloc_cache)
+    assert before == placement._LIVE  # stopped at the end, frozen or not
+
+
+def test_engine_pause_always_is_refused_where_it_cannot_apply(tiny_qwen2, setup) -> None:
+    from sr1.config import resolve_config
+    from sr1.train.rollouts import pauses_engine
+
+    index, data = setup
+    proc = ["rollout.placement=process", "model.device=cpu"]
+    assert pauses_engine(resolve_config(overrides=proc)) is True  # auto: the engine is on CPU
+    assert pauses_engine(resolve_config(overrides=[*proc, "rollout.engine_pause=never"])) is False
+    # one-step-off samples during the update; an in-process or served engine is not sr1's
+    assert pauses_engine(resolve_config(overrides=[*proc, "trainer.async_steps=1"])) is False
+    assert pauses_engine(resolve_config(overrides=["rollout.engine_url=http://h:1"])) is False
+    assert pauses_engine(resolve_config(overrides=[])) is False
+    cfg = tiny_cfg("grpo", index, "rollout.engine_pause=always")
+    with pytest.raises(ConfigError, match="engine_pause=always freezes the engine") as ei:
+        train(cfg, "grpo", tiny_qwen2, max_steps=1, progress=False, rows=data)
+    assert "rollout.placement=process" in ei.value.hint
+    on_async = [*proc, "rollout.engine_pause=always", "trainer.async_steps=1"]
+    with pytest.raises(ConfigError, match="trainer.async_steps=1"):
+        pauses_engine(resolve_config(overrides=on_async))

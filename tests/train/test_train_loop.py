@@ -76,6 +76,7 @@ def test_train_logs_checkpoints_and_resumes_identically(tiny_qwen2, setup):
 def test_sigint_saves_and_stops(tiny_qwen2, setup, monkeypatch):
     cfg, data = setup
     real = trainer_mod.RLTrainer.step_on
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs as a background job
 
     def step_then_interrupt(self, trajs):
         out = real(self, trajs)
@@ -92,4 +93,4 @@ def test_sigint_saves_and_stops(tiny_qwen2, setup, monkeypatch):
     assert res["interrupted"] and [s["step"] for s in res["steps"]] == [1]
     assert res["checkpoint"].endswith("step-1")
     assert Store().get_run(e.run_id)["status"] == "interrupted"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
