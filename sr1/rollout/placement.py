@@ -86,21 +86,27 @@ def _exit_words(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _exited(p: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Whether child ``p`` exits within ``timeout`` seconds, without reaping it (its pid stays
-    held until ``p.wait()``)."""
+def _reported(p: subprocess.Popen[bytes], flags: int, timeout: float, poll_s: float) -> bool:
+    """Whether child ``p`` reports a state change of ``flags`` (``os.WEXITED``,
+    ``os.WSTOPPED``, ...) within ``timeout`` seconds, without consuming it: an exited child is
+    not reaped (its pid stays held until ``p.wait()``)."""
     deadline = time.monotonic() + timeout
     while True:
         if p.returncode is not None:
             return True
         try:
-            if os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+            if os.waitid(os.P_PID, p.pid, flags | os.WNOWAIT | os.WNOHANG) is not None:
                 return True
         except ChildProcessError:  # reaped elsewhere
             return True
         if time.monotonic() >= deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(poll_s)
+
+
+def _exited(p: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether child ``p`` exits within ``timeout`` seconds, without reaping it."""
+    return _reported(p, os.WEXITED, timeout, poll_s=0.02)
 
 
 class EngineProcess:
@@ -257,15 +263,8 @@ class EngineProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGSTOP)
             self.frozen = True
-        deadline = time.monotonic() + wait_s
-        while self.frozen and time.monotonic() < deadline:
-            try:  # reports a stop (or an exit) without consuming it
-                flags = os.WSTOPPED | os.WEXITED | os.WNOWAIT | os.WNOHANG
-                if os.waitid(os.P_PID, p.pid, flags) is not None:
-                    return
-            except ChildProcessError:
-                return
-            time.sleep(0.001)
+        if self.frozen:  # stopped (or exited meanwhile)
+            _reported(p, os.WSTOPPED | os.WEXITED, wait_s, poll_s=0.001)
 
     def resume(self) -> None:
         """Continue a group :meth:`pause` froze (SIGCONT); idempotent."""

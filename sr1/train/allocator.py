@@ -12,8 +12,8 @@ from the heap (``M_MMAP_MAX=0``) and not to give the heap's free top back
 Opt-in: the process's memory stays near its peak instead of dropping between steps, and the
 heap fragments (a freed block that a small long-lived allocation lands beside is not reused
 for the next block of its size): the peak resident memory of 32 quickstart steps was 4.6 GB
-against 3.8 GB without, and an adversarial probe (300/40/120 MB blocks with a small survivor each round) grew
-the heap ~120 MB a round without bound.
+against 3.8 GB without, and an adversarial probe (300/40/120 MB blocks with a small survivor
+each round) grew the heap ~120 MB a round without bound.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = mallopt(M_MMAP_MAX, 0) == 1
-    return mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    done = [mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
+    return all(r == 1 for r in done)  # mallopt returns 1 on success
 
 
 def apply(mode: str, device: str) -> bool:

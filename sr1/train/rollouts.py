@@ -66,8 +66,8 @@ def pauses_engine(cfg: Any) -> bool:
     applies = cfg.trainer.async_steps == 0 and rc.placement == "process" and not rc.engine_url
     if rc.engine_pause == "always" and not applies:
         raise ConfigError(
-            "rollout.engine_pause=always freezes the engine process sr1 starts during a synchronous "
-            f"update; here rollout.placement={rc.placement}, rollout.engine_url="
+            "rollout.engine_pause=always freezes the engine process sr1 starts during a "
+            f"synchronous update; here rollout.placement={rc.placement}, rollout.engine_url="
             f"{rc.engine_url}, trainer.async_steps={cfg.trainer.async_steps}",
             hint="use it with --set rollout.placement=process (no engine_url) and "
             "trainer.async_steps=0, or leave rollout.engine_pause=auto",
@@ -113,6 +113,9 @@ class StepRollouts:
         self._error: BaseException | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
+        # the engine process to freeze during each update (rollout.engine_pause), decided once
+        proc = getattr(engine, "process", None)
+        self._freeze = proc if self.k == 0 and proc is not None and pauses_engine(cfg) else None
 
     # -- one step's rollout ---------------------------------------------------------------------
     def _picked(self, order: Any) -> list[dict[str, Any]]:
@@ -175,9 +178,8 @@ class StepRollouts:
     def idle(self) -> Iterator[None]:
         """The engine frozen for the block when :func:`pauses_engine` says so (synchronous:
         no rollout is in flight), continued however the block ends; else nothing."""
-        proc = getattr(self.engine, "process", None)
-        if self.k == 0 and proc is not None and pauses_engine(self.cfg):
-            with proc.paused():
+        if self._freeze is not None:
+            with self._freeze.paused():
                 yield
         else:
             yield
