@@ -81,6 +81,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -265,7 +266,7 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
         for j in range(g):
             trajs.append(dataclasses.replace(t, group=gi, reward=float(j % 2)))
     tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
-    secs, own_cpu, child_cpu = [], [], []
+    secs, own_cpu, child_cpu, faults = [], [], [], []
     me = psutil.Process()
     # the setup's engine, opened as training opens it, idle while the updates are timed, and
     # frozen as training freezes it (rollout.engine_pause)
@@ -278,9 +279,11 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
             batch = trainer.prepare_batch(trajs)
             idle = engine.process.paused() if pause else contextlib.nullcontext()
             with idle:
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 c0, k0, t0 = _cpu_s(me), _children_cpu_s(me), time.perf_counter()
                 trainer.update(batch, i + 1)
                 secs.append(time.perf_counter() - t0)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             own_cpu.append(_cpu_s(me) - c0)
             child_cpu.append(_children_cpu_s(me) - k0)
             turn()  # --lockstep: the other setups update this batch next
@@ -296,6 +299,9 @@ def fixed_update(cfg: Any, prep: dict[str, Any], rows: list, retriever: Any, n: 
         # process, idle, should use ~0); wall x cores above them is time nobody here ran
         "update_cpu_s": [round(x, 2) for x in own_cpu],
         "engine_cpu_s": [round(x, 2) for x in child_cpu],
+        # minor page faults of this process per update (memory mapped afresh: glibc's large
+        # blocks; trainer.logits_chunk_mib keeps the head's below its mmap threshold)
+        "update_minflt": faults,
         "update_s_median": round(statistics.median(timed), 3),
         "update_tokens_per_s": round(tokens / statistics.median(timed), 1),
         **({"engine_ab": ab} if ab else {}),

@@ -1,24 +1,26 @@
-"""Training-step benchmark: what mixed precision, a graph-free entropy metric and a policy-token
-output head buy.
+"""Training-step benchmark: what mixed precision, a graph-free entropy metric, a policy-token
+output head and a chunked one buy.
 
 Prints one JSON document on stdout (progress on stderr). One micro-batch of Search-R1-shaped
 rows (prompt, sampled turn, inserted information block with mask 0, answer; random token ids
 of the quickstart's sizes) goes through the policy's forward and backward passes, as in
-``RLTrainer._micro_loss`` with ``entropy_coef = 0``, in up to eight variants run in alternation:
+``RLTrainer._micro_loss`` with ``entropy_coef = 0``, in up to sixteen variants run in alternation:
 
 - ``mixed_precision``: ``no`` (fp32) or ``bf16`` (``torch.autocast``; weights stay fp32);
 - ``entropy_grad``: ``true`` keeps the entropy's autograd graph although the loss does not use
   it (what the trainer did before), ``false`` computes it as a metric only (what it does now);
 - ``logits_at``: ``all`` projects every column through the output head (prompt and inserted
-  tokens too: what the trainer did before), ``policy`` only the tokens the loss sees (now).
+  tokens too: what the trainer did before), ``policy`` only the tokens the loss sees (now);
+- ``logits_chunk_mib`` (with ``policy``): ``-1`` the head's whole ``(N, V)`` logits (before),
+  ``0`` auto, in chunks with the logits recomputed in backward (now; ``sr1.train.head``).
 
-For each variant: median seconds per micro-batch and tokens/s over ``--repeats`` timed runs
-after one warm-up, and the speed ratio to the first fp32 variant (all variants in
+For each variant: median seconds per micro-batch, tokens/s and the process's minor page faults
+(memory mapped afresh) over ``--repeats`` timed runs after one warm-up, and the speed ratio to the first fp32 variant (all variants in
 one process, interleaved, so the ratios share the machine's noise).
 
 Run: ``.venv/bin/python benchmarks/train_step.py [--model smollm2-135m] [--batch 8]
 [--prompt 120] [--response 330] [--freeze 20] [--repeats 3] [--entropy-grad both|true|false]
-[--mixed-precision both|no|bf16] [--logits-at both|policy|all]``
+[--mixed-precision both|no|bf16] [--logits-at both|policy|all] [--logits-chunk auto|whole|both]``
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -69,6 +72,13 @@ def main() -> None:
         default="both",
         help="output head at policy tokens only, at every column, or both",
     )
+    ap.add_argument(
+        "--logits-chunk",
+        choices=("auto", "whole", "both"),
+        default="auto",
+        help="with logits_at=policy: the head in chunks (trainer.logits_chunk_mib=0), its whole "
+        "logits at once (-1), or both",
+    )
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -108,12 +118,20 @@ def main() -> None:
     adv = torch.randn(args.batch, 1).expand(-1, R).contiguous()
     n_tokens = args.batch * (args.prompt + R)
 
-    def step(mp: str, entropy_grad: bool, logits_at: str) -> float:
+    faults: dict[tuple[str, bool, str, int], list[int]] = {}
+
+    def step(mp: str, entropy_grad: bool, logits_at: str, chunk: int) -> float:
         model.zero_grad(set_to_none=True)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         with models.autocast(mp, "cpu"):
             lp, ent = response_forward(
-                model, batch, with_entropy=True, entropy_grad=entropy_grad, logits_at=logits_at
+                model,
+                batch,
+                with_entropy=True,
+                entropy_grad=entropy_grad,
+                logits_at=logits_at,
+                logits_chunk_mib=chunk,
             )
         assert ent is not None
         loss, _ = core.policy_loss(
@@ -121,28 +139,41 @@ def main() -> None:
         )
         core.masked_mean(ent.detach(), batch.response_mask)  # the logged metric
         loss.backward()
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        faults.setdefault((mp, entropy_grad, logits_at, chunk), []).append(flt)
+        return dt
 
     grads = {"both": (True, False), "true": (True,), "false": (False,)}[args.entropy_grad]
     mps = ("no", "bf16") if args.mixed_precision == "both" else (args.mixed_precision,)
     heads = ("all", "policy") if args.logits_at == "both" else (args.logits_at,)
-    variants = [(mp, eg, at) for mp in mps for eg in grads for at in heads]
-    times: dict[tuple[str, bool, str], list[float]] = {v: [] for v in variants}
+    chunks = {"auto": (0,), "whole": (-1,), "both": (-1, 0)}[args.logits_chunk]
+    variants = [
+        (mp, eg, at, ch)
+        for mp in mps
+        for eg in grads
+        for at in heads
+        for ch in (chunks if at == "policy" else (-1,))
+    ]
+    times: dict[tuple[str, bool, str, int], list[float]] = {v: [] for v in variants}
     for v in variants:
         step(*v)  # warm-up
+    faults.clear()
     for r in range(args.repeats):
         for v in variants:
             times[v].append(step(*v))
         log(f"repeat {r + 1}/{args.repeats} done")
     base = statistics.median(times[variants[0]])
     rows = []
-    for mp, eg, at in variants:
-        s = statistics.median(times[(mp, eg, at)])
+    for mp, eg, at, ch in variants:
+        s = statistics.median(times[(mp, eg, at, ch)])
         rows.append(
             {
                 "mixed_precision": mp,
                 "entropy_grad": eg,
                 "logits_at": at,
+                "logits_chunk_mib": ch,
+                "minor_faults": int(statistics.median(faults[(mp, eg, at, ch)])),
                 "seconds_per_micro_batch": round(s, 3),
                 "tokens_per_s": round(n_tokens / s, 1),
                 "speedup_vs_first": round(base / s, 2),
@@ -157,7 +188,11 @@ def main() -> None:
                 "response_tokens": R,
                 "policy_tokens_per_row": sum(mask),
                 "first_variant": dict(
-                    zip(("mixed_precision", "entropy_grad", "logits_at"), variants[0], strict=True)
+                    zip(
+                        ("mixed_precision", "entropy_grad", "logits_at", "logits_chunk_mib"),
+                        variants[0],
+                        strict=True,
+                    )
                 ),
                 "frozen_layers": args.freeze,
                 "threads": args.threads,

@@ -20,6 +20,7 @@ import torch
 
 from sr1.algos.core import entropy_from_logits, logprobs_from_logits
 from sr1.rollout.types import Trajectory
+from sr1.train.head import chunk_rows, fusable, fused_head
 
 Tensor = torch.Tensor
 
@@ -177,6 +178,7 @@ def response_forward(
     with_entropy: bool = False,
     entropy_grad: bool = True,
     logits_at: str = "policy",
+    logits_chunk_mib: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``(B, R)`` of the response tokens under ``model`` (with grad if enabled) and
     optionally their entropies ``(B, R)``.
@@ -189,7 +191,12 @@ def response_forward(
     response both give 0.
 
     ``entropy_grad=False`` computes the entropies without autograd (a metric only): the
-    softmax over the vocabulary, as large as the logits, is then not kept for backward."""
+    softmax over the vocabulary, as large as the logits, is then not kept for backward.
+
+    ``logits_chunk_mib`` (``trainer.logits_chunk_mib``; with ``"policy"`` and a plain bias-free
+    head): the head computes the log-probs and entropies that many MiB of fp32 logits at a time
+    (:mod:`sr1.train.head`), the ``(N, V)`` logits never whole; 0 = auto, -1 = whole logits.
+    Equal to the whole-logits path up to float rounding."""
     if logits_at not in LOGITS_AT:
         raise ValueError(f"logits_at={logits_at!r} is not one of {LOGITS_AT}")
     ids, attn, pos, first = _trim(batch)
@@ -201,6 +208,21 @@ def response_forward(
     sel = batch.response_mask[:, :n].to(ids.device) > 0  # (B, n)
     lp = torch.zeros(len(batch), R, dtype=torch.float32, device=ids.device)
     ent = lp.new_zeros(len(batch), R) if with_entropy else None
+    rows = chunk_rows(logits_chunk_mib, head.out_features, ids.device) if fusable(head) else None
+    if isinstance(head, torch.nn.Linear) and rows is not None:
+        at = (*sel.nonzero(as_tuple=True),)
+        with fused_head(head, cols, sel, labels[sel], rows, with_entropy, entropy_grad) as seen:
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+        if not seen or out.logits is not seen[-1]:
+            raise RuntimeError(
+                f"{type(getattr(model, 'module', model)).__name__} changed its head's output "
+                "after the head; set trainer.logits_chunk_mib=-1 for this model"
+            )
+        lp = lp.index_put(at, out.logits[:, 0])
+        if ent is not None:
+            e = out.logits[:, 1]  # a constant of the graph unless entropy_grad (head.py)
+            ent = ent.index_put(at, e if entropy_grad and torch.is_grad_enabled() else e.detach())
+        return lp, ent
     if head is not None:
         with _head_on(head, cols, sel):
             out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
@@ -251,7 +273,11 @@ def _micro(batch: TrainBatch, micro: MicroBatches) -> Sequence[Tensor]:
 
 @torch.no_grad()
 def batched_logprobs(
-    model: torch.nn.Module, batch: TrainBatch, micro: MicroBatches, with_entropy: bool = False
+    model: torch.nn.Module,
+    batch: TrainBatch,
+    micro: MicroBatches,
+    with_entropy: bool = False,
+    logits_chunk_mib: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`response_forward` without grad, micro-batched; ``(B, R)`` results on CPU.
 
@@ -263,7 +289,13 @@ def batched_logprobs(
     lp_all = torch.zeros(len(batch), batch.response_len)
     ent_all = torch.zeros(len(batch), batch.response_len) if with_entropy else None
     for rows in _micro(batch, micro):
-        lp, ent = response_forward(model, batch.select(rows).to(dev), with_entropy)
+        lp, ent = response_forward(
+            model,
+            batch.select(rows).to(dev),
+            with_entropy,
+            entropy_grad=False,
+            logits_chunk_mib=logits_chunk_mib,
+        )
         lp_all[rows] = lp.float().cpu()
         if ent_all is not None and ent is not None:
             ent_all[rows] = ent.float().cpu()

@@ -318,7 +318,9 @@ def sft(
                     for i in range(0, len(idx), t.micro_batch_size):
                         mb = batch.select(idx[i : i + t.micro_batch_size]).to(dev)
                         with models.autocast(t.mixed_precision, dev):
-                            lp, _ = response_forward(policy, mb)
+                            lp, _ = response_forward(
+                                policy, mb, logits_chunk_mib=t.logits_chunk_mib
+                            )
                         loss = core.agg_loss(-lp, mb.response_mask, "token-mean", denom)
                         loss.backward()
                         total += float(loss.detach())

@@ -289,11 +289,12 @@ class RLTrainer:
     def _ref_logprobs(self, batch: TrainBatch, mbs: list[torch.Tensor]) -> torch.Tensor | None:
         if self.acfg.kl_coef <= 0:
             return None
+        chunk = self.tcfg.logits_chunk_mib
         if self.lora:
             with self.model.disable_adapter():
-                return batched_logprobs(self.model, batch, mbs)[0]
+                return batched_logprobs(self.model, batch, mbs, logits_chunk_mib=chunk)[0]
         assert self.ref is not None
-        return batched_logprobs(self.ref, batch, mbs)[0]
+        return batched_logprobs(self.ref, batch, mbs, logits_chunk_mib=chunk)[0]
 
     def micro_split(self, batch: TrainBatch, idx: torch.Tensor) -> list[torch.Tensor]:
         """Rows ``idx`` of ``batch`` as micro-batches (``trainer.micro_batch_size`` and
@@ -342,7 +343,9 @@ class RLTrainer:
             # so the old log-probs are the update's own (detached) log-probs and the extra
             # forward is skipped (trainer.reuse_old_logprobs; ~1/3 of the training compute).
             if needs_old or not self.tcfg.reuse_old_logprobs:
-                batch.old_logprobs, _ = batched_logprobs(self.model, batch, mbs)
+                batch.old_logprobs, _ = batched_logprobs(
+                    self.model, batch, mbs, logits_chunk_mib=self.tcfg.logits_chunk_mib
+                )
             if self.critic is not None:
                 batch.values = batched_values(self.acc.unwrap_model(self.critic), batch, mbs)
         token_rewards = core.place_outcome_reward(batch.scores, mask)  # (B, R)
@@ -380,7 +383,11 @@ class RLTrainer:
         with self.autocast():
             # entropy is always logged; it needs a graph only when it is part of the loss
             lp, ent = response_forward(
-                self.policy, mb, with_entropy=True, entropy_grad=bool(a.entropy_coef)
+                self.policy,
+                mb,
+                with_entropy=True,
+                entropy_grad=bool(a.entropy_coef),
+                logits_chunk_mib=self.tcfg.logits_chunk_mib,
             )
         assert ent is not None and mb.advantages is not None
         old = mb.old_logprobs

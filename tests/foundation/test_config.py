@@ -52,6 +52,23 @@ def test_type_errors_and_coercion() -> None:
     assert cfg.algorithm.use_mask is False
 
 
+def test_no_and_off_are_words_not_booleans(tmp_path: Path) -> None:
+    """YAML 1.1 reads no/off/yes/on as booleans; the config reads them as YAML 1.2 does, so
+    ``trainer.mixed_precision=no`` (a documented value) is "no", from --set and from a file,
+    while boolean fields still take them."""
+    sets = ["trainer.mixed_precision=no", "trainer.skip_inert_rows=off", "algorithm.use_mask=on"]
+    cfg = resolve_config(None, sets)
+    assert cfg.trainer.mixed_precision == "no"
+    assert cfg.trainer.skip_inert_rows is False and cfg.algorithm.use_mask is True
+    y = tmp_path / "exp.yaml"
+    y.write_text("trainer:\n  mixed_precision: no\n  skip_inert_rows: no\n")
+    cfg = resolve_config(y)
+    assert cfg.trainer.mixed_precision == "no" and cfg.trainer.skip_inert_rows is False
+    assert parse_set(["a.b=true", "a.c=False", "a.d=no"]) == {
+        "a": {"b": True, "c": False, "d": "no"}
+    }
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
     y = tmp_path / "broken.yaml"
     y.write_text("trainer:\n  lr: 1\n  bad: [unclosed\n")
