@@ -4,7 +4,7 @@ output head and a chunked one buy.
 Prints one JSON document on stdout (progress on stderr). One micro-batch of Search-R1-shaped
 rows (prompt, sampled turn, inserted information block with mask 0, answer; random token ids
 of the quickstart's sizes) goes through the policy's forward and backward passes, as in
-``RLTrainer._micro_loss`` with ``entropy_coef = 0``, in up to sixteen variants run in alternation:
+``RLTrainer._micro_loss`` with ``entropy_coef = 0``, in up to twelve variants run in alternation:
 
 - ``mixed_precision``: ``no`` (fp32) or ``bf16`` (``torch.autocast``; weights stay fp32);
 - ``entropy_grad``: ``true`` keeps the entropy's autograd graph although the loss does not use

@@ -172,6 +172,10 @@ def _head_on(head: torch.nn.Module, cols: slice, sel: Tensor) -> Iterator[None]:
         handle.remove()
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+
+
 def response_forward(
     model: torch.nn.Module,
     batch: TrainBatch,
@@ -208,12 +212,12 @@ def response_forward(
     sel = batch.response_mask[:, :n].to(ids.device) > 0  # (B, n)
     lp = torch.zeros(len(batch), R, dtype=torch.float32, device=ids.device)
     ent = lp.new_zeros(len(batch), R) if with_entropy else None
-    rows = chunk_rows(logits_chunk_mib, head.out_features, ids.device) if fusable(head) else None
-    if isinstance(head, torch.nn.Linear) and rows is not None:
-        at = (*sel.nonzero(as_tuple=True),)
+    at = (*sel.nonzero(as_tuple=True),)  # the selected (row, column) positions
+    if fusable(head) and (rows := chunk_rows(logits_chunk_mib, head.out_features, ids.device)):
         with fused_head(head, cols, sel, labels[sel], rows, with_entropy, entropy_grad) as seen:
             out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
-        if not seen or out.logits is not seen[-1]:
+        # the model must return the head's output as it is (DDP's output hook may copy it)
+        if not seen or not (out.logits is seen[-1] or _same(out.logits, seen[-1])):
             raise RuntimeError(
                 f"{type(getattr(model, 'module', model)).__name__} changed its head's output "
                 "after the head; set trainer.logits_chunk_mib=-1 for this model"
@@ -232,11 +236,11 @@ def response_forward(
                 f"{type(getattr(model, 'module', model)).__name__} reshaped its head's output "
                 f"(logits {tuple(logits.shape)}); pass logits_at='all' for this model"
             )
-        lp = lp.index_put((*sel.nonzero(as_tuple=True),), logprobs_from_logits(logits, labels[sel]))
+        lp = lp.index_put(at, logprobs_from_logits(logits, labels[sel]))
         if ent is not None:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 e = entropy_from_logits(logits)
-            ent = ent.index_put((*sel.nonzero(as_tuple=True),), e)
+            ent = ent.index_put(at, e)
         return lp, ent
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     logits = out.logits[:, cols]  # (B, n, V)

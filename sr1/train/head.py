@@ -3,8 +3,10 @@
 ``head_logprobs(hidden (N, H), weight (V, H), labels (N,))`` equals projecting all N rows to
 ``(N, V)`` logits and taking ``log_softmax`` at the labels (and the softmax entropy), but holds
 the logits of ``rows`` positions at a time: forward keeps only ``hidden`` and two numbers per
-row, and backward projects each chunk again (one more head matmul) to form its gradient
-``dL/dz = g_lp (onehot - p) - g_ent p (z - E_p[z])`` and the ``hidden``/``weight`` gradients.
+row (log-sum-exp, entropy), and backward projects again (one more head matmul), a slice of the
+vocabulary for all rows at a time (as many logits as a forward chunk), to form
+``dL/dz = g_lp (onehot - p) - g_ent p (log p + H)`` and the ``hidden``/``weight`` gradients
+(each weight row written once).
 The idea of Liger's fused linear cross-entropy and of "cut cross-entropy", for the two
 quantities an RL loss needs, whose gradients arrive from a loss computed later.
 
@@ -29,16 +31,19 @@ import torch
 
 Tensor = torch.Tensor
 
-AUTO_CHUNK_MIB = {"cpu": 16}  # below glibc's 32 MiB mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX)
-AUTO_CHUNK_MIB_ACCELERATOR = 1024
+
+def auto_chunk_mib(device: torch.device) -> int:
+    """``trainer.logits_chunk_mib: 0``: 16 MiB on CPU (under glibc's 32 MiB mmap threshold,
+    DEFAULT_MMAP_THRESHOLD_MAX, so chunks are reused heap memory), 1 GiB on an accelerator."""
+    return 16 if device.type == "cpu" else 1024
 
 
 def chunk_rows(chunk_mib: int, vocab: int, device: torch.device) -> int | None:
     """Rows per chunk for ``chunk_mib`` MiB of fp32 logits over ``vocab`` columns: ``0`` = auto
-    (16 MiB on CPU, 1 GiB on an accelerator), ``-1`` = no chunking (None)."""
+    (:func:`auto_chunk_mib`), ``-1`` = no chunking (None)."""
     if chunk_mib < 0:
         return None
-    mib = chunk_mib or AUTO_CHUNK_MIB.get(device.type, AUTO_CHUNK_MIB_ACCELERATOR)
+    mib = chunk_mib or auto_chunk_mib(device)
     return max(1, (mib << 20) // (4 * vocab))
 
 
@@ -79,6 +84,7 @@ class _ChunkedHead(torch.autograd.Function):
                     z.sub_(m[:, None])  # z - lse = log p
                     ent[s : s + rows] = -(z.exp() * z).sum(-1)
         ctx.save_for_backward(hidden, weight, labels, lse, ent)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         ctx.rows, ctx.dtype, ctx.ent_grad = rows, dtype, with_entropy and ent_grad
         if not ctx.ent_grad:
             ctx.mark_non_differentiable(ent)
@@ -87,46 +93,43 @@ class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_lp: Tensor | None, g_ent: Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
         hidden, weight, labels, lse, ent = ctx.saved_tensors
-        rows, dtype = ctx.rows, ctx.dtype
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not ctx.ent_grad:
-            g_ent = None
-        grad_h = torch.zeros_like(hidden) if want_h else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        )
-        w = weight.to(dtype)
+        g_ent = g_ent if ctx.ent_grad else None
+        none = (None,) * 5  # labels, rows, dtype, with_entropy, ent_grad
+        if (g_lp is None and g_ent is None) or not (want_h or want_w):
+            return (None, None, *none)
+        dtype, n, vocab = ctx.dtype, hidden.shape[0], weight.shape[0]
+        # vocabulary slices of all rows, as many logits as a forward chunk: each slice's weight
+        # gradient is written once (no (V, H) temporary per chunk), the hidden one accumulated
+        cols = max(1, ctx.rows * vocab // max(n, 1))
+        h = hidden.to(dtype)
+        grad_h = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        grad_w = torch.empty_like(weight) if want_w else None
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, hidden.shape[0], rows):
-                h = hidden[s : s + rows].to(dtype)
-                z = (h @ w.T).float()  # (n_c, V) logits again
-                z.sub_(lse[s : s + rows, None])  # log p
-                gz: Tensor | None = None
+            for v0 in range(0, vocab, cols):
+                w = weight[v0 : v0 + cols].to(dtype)  # (c, H)
+                z = (h @ w.T).float()  # (N, c): these columns' logits again
+                z.sub_(lse[:, None])  # log p
                 if g_ent is not None:  # dH/dz = -p (z - E_p[z]) = -p (log p + H)
                     p = z.exp()
-                    gz = z.add_(ent[s : s + rows, None]).mul_(p).mul_(-g_ent[s : s + rows, None])
+                    gz = z.add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])
+                    if g_lp is not None:
+                        gz.addcmul_(p, g_lp[:, None], value=-1.0)
                 else:
-                    p = z.exp_()  # z's buffer
-                if g_lp is not None:  # dlp/dz = onehot - p
-                    g = g_lp[s : s + rows, None]
-                    gz = p.mul_(-g) if gz is None else gz.addcmul_(p, g, value=-1.0)
-                    gz.scatter_add_(-1, labels[s : s + rows, None], g)
-                if gz is None:
-                    continue  # no gradient reaches this head
+                    assert g_lp is not None
+                    gz = z.exp_().mul_(-g_lp[:, None])  # z's buffer: -p g
+                if g_lp is not None:  # dlp/dz = onehot - p: the rows whose label is here
+                    r = ((labels >= v0) & (labels < v0 + w.shape[0])).nonzero().squeeze(1)
+                    gz.index_put_((r, labels[r] - v0), g_lp[r], accumulate=True)
                 gd = gz.to(dtype)
-                if grad_h is not None:
-                    grad_h[s : s + rows] = gd @ w
+                if want_h:
+                    if dtype == torch.float32:
+                        grad_h.addmm_(gd, w)
+                    else:
+                        grad_h += gd @ w
                 if grad_w is not None:
-                    grad_w += (gd.T @ h).float()
-        return (
-            grad_h,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+                    grad_w[v0 : v0 + cols] = gd.T @ h
+        return (grad_h.to(hidden.dtype) if want_h else None, grad_w, *none)
 
 
 def head_logprobs(
@@ -152,10 +155,14 @@ def head_logprobs(
 
 
 def fusable(head: torch.nn.Module | None) -> TypeGuard[torch.nn.Linear]:
-    """Whether :func:`fused_head` can stand in for ``head``: a plain bias-free ``nn.Linear``
-    (an HF ``lm_head``; FSDP2's subclass of it included). A LoRA-wrapped or biased head keeps
-    the plain path."""
-    return isinstance(head, torch.nn.Linear) and head.bias is None
+    """Whether :func:`fused_head` can stand in for ``head``: a bias-free ``nn.Linear`` running
+    ``nn.Linear``'s own forward (an HF ``lm_head``; FSDP2's subclass of it included). A
+    LoRA-wrapped, quantised (its own forward) or biased head keeps the plain path."""
+    return (
+        isinstance(head, torch.nn.Linear)
+        and type(head).forward is torch.nn.Linear.forward
+        and head.bias is None
+    )
 
 
 @contextlib.contextmanager

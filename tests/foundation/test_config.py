@@ -67,6 +67,14 @@ def test_no_and_off_are_words_not_booleans(tmp_path: Path) -> None:
     assert parse_set(["a.b=true", "a.c=False", "a.d=no"]) == {
         "a": {"b": True, "c": False, "d": "no"}
     }
+    # everything else reads as PyYAML's safe loader reads it
+    import yaml
+
+    from sr1.config import _yaml_load
+
+    for text in ("1e-5", "1.0e-5", "null", "~", "0755", "0o755", "0x1f", "1:30", ".inf", "-3",
+                 "2026-12-07", "[1, a]", "{a: 1}", "'no'", "x: &a 1\ny: *a"):  # fmt: skip
+        assert _yaml_load(text) == yaml.safe_load(text), text
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:

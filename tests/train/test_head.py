@@ -76,7 +76,8 @@ def test_bf16_autocast_runs_the_matmul_in_bf16_as_the_plain_head():
     """Under autocast the head matmul is bf16 in both paths (softmax fp32): log-probs and
     entropies agree to fp32 rounding; the gradients agree to bf16 precision (the logits'
     gradient is rounded to bf16 after summing its terms in a different order, and the weight
-    gradient sums bf16-rounded chunk products in fp32 where the plain path rounds one)."""
+    hidden gradient sums bf16-rounded vocabulary-slice products in fp32 where the plain path
+    rounds one)."""
     h, w, y, g_lp, g_ent = _inputs(n=64, hid=32, vocab=300)
     want = _grads(_whole, h, w, y, g_lp, g_ent, autocast=True)
     got = _grads(
@@ -86,9 +87,9 @@ def test_bf16_autocast_runs_the_matmul_in_bf16_as_the_plain_head():
     assert (want[0] - fp32[0]).abs().max() > 1e-4  # autocast did change the plain path
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
-    for g, w in zip(got[2:], want[2:], strict=True):
-        assert (g - w).abs().max() <= 2**-7 * w.abs().max()
-        assert (g - w).norm() <= 2**-8 * w.norm()
+    for mine, plain in zip(got[2:], want[2:], strict=True):
+        assert (mine - plain).abs().max() <= 2**-7 * plain.abs().max()
+        assert (mine - plain).norm() <= 2**-8 * plain.norm()
     assert got[2].dtype == got[3].dtype == torch.float32
 
 
@@ -114,10 +115,57 @@ def test_chunk_rows_from_mib():
         resolve_config(None, ["trainer.logits_chunk_mib=-2"])
 
 
+@pytest.mark.parametrize("need", ["hidden", "weight"])
+def test_only_the_gradients_asked_for(need):
+    """A frozen head (the quickstart's tied, frozen embeddings) or frozen hidden states: the
+    other gradient is still the whole logits' one, and none is made for the frozen input."""
+    h, w, y, g_lp, g_ent = _inputs()
+    want = _grads(_whole, h, w, y, g_lp, g_ent)
+    h = h.clone().requires_grad_(need == "hidden")
+    w = w.clone().requires_grad_(need == "weight")
+    lp, ent = head_logprobs(h, w, y, 5, with_entropy=True)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    got, other = (h.grad, w.grad) if need == "hidden" else (w.grad, h.grad)
+    assert other is None
+    torch.testing.assert_close(got, want[2] if need == "hidden" else want[3], atol=1e-5, rtol=1e-5)
+
+
+def test_entropy_alone_and_bf16_weights():
+    """A loss of the entropy only (no log-prob gradient arrives), and bf16 weights without
+    autocast (the matmul in bf16, the softmax in fp32)."""
+    h, w, y, _, g_ent = _inputs()
+    zero = torch.zeros_like(g_ent)
+    want = _grads(_whole, h, w, y, zero, g_ent)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    _, ent = head_logprobs(hh, ww, y, 5, with_entropy=True)
+    (ent * g_ent).sum().backward()
+    torch.testing.assert_close(hh.grad, want[2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ww.grad, want[3], atol=1e-5, rtol=1e-5)
+    hb, wb = h.bfloat16(), w.bfloat16()
+    g_lp = torch.randn(37, generator=torch.Generator().manual_seed(3))
+    plain = _grads(_whole, hb, wb, y, g_lp, g_ent)
+    mine = _grads(lambda h, w, y: head_logprobs(h, w, y, 5, with_entropy=True), hb, wb, y,
+                  g_lp, g_ent)  # fmt: skip
+    assert mine[2].dtype == mine[3].dtype == torch.bfloat16
+    torch.testing.assert_close(mine[0], plain[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(mine[2:], plain[2:], strict=True):
+        assert (a.float() - b.float()).norm() <= 2**-7 * b.float().norm()
+
+
 @pytest.mark.parametrize("chunk", [0, 1, -1])
-def test_response_forward_chunked_equals_the_whole_head(tiny_qwen2, chunk):
+def test_response_forward_chunked_equals_the_whole_head(tiny_qwen2, chunk, monkeypatch):
     """Through the real tiny Qwen2 (vocab 151936: auto = 27 rows a chunk, 1 MiB = 1 row): the
     chunked head gives logits_at="all"'s log-probs, entropies and parameter gradients."""
+    import sr1.train.head as head_mod
+
+    calls = []
+    real = head_mod.head_logprobs
+
+    def spy(hidden, weight, labels, rows, *a, **kw):
+        calls.append((hidden.shape[0], rows))
+        return real(hidden, weight, labels, rows, *a, **kw)
+
+    monkeypatch.setattr(head_mod, "head_logprobs", spy)
     tr = RLTrainer(tiny_cfg("grpo", "algorithm.kl_coef=0"), model_path=tiny_qwen2)
     b = collate(hand_trajectories(tr.tokenizer), tr.pad_id)
     sel = b.response_mask > 0
@@ -131,6 +179,9 @@ def test_response_forward_chunked_equals_the_whole_head(tiny_qwen2, chunk):
         loss.backward()
         grads = {n: p.grad.clone() for n, p in tr.policy.named_parameters() if p.grad is not None}
         out.append((lp.detach(), ent.detach(), grads))
+    # the chunked head ran (once, over every selected token, in the rows asked for) or not
+    want_rows = {0: 27, 1: 1}.get(chunk)
+    assert calls == ([(int(sel.sum()), want_rows)] if want_rows else [])
     (lp_c, ent_c, g_c), (lp_a, ent_a, g_a) = out
     torch.testing.assert_close(lp_c[sel], lp_a[sel], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent_c[sel], ent_a[sel], atol=1e-5, rtol=1e-5)
@@ -147,7 +198,7 @@ def test_a_model_that_changes_the_heads_output_is_refused(tiny_qwen2):
     tr = RLTrainer(tiny_cfg("grpo", "algorithm.kl_coef=0"), model_path=tiny_qwen2)
     b = collate(hand_trajectories(tr.tokenizer), tr.pad_id)
     head = tr.policy.get_output_embeddings()
-    handle = head.register_forward_hook(lambda _m, _a, out: out * 1.0)
+    handle = head.register_forward_hook(lambda _m, _a, out: 30 * torch.tanh(out / 30))  # softcap
     try:
         with pytest.raises(RuntimeError, match="logits_chunk_mib=-1"):
             response_forward(tr.policy, b)
