@@ -105,6 +105,9 @@ SHAPE = [
     # time the whole update: an untrained policy scores ~0 everywhere, so with the skip on
     # nearly every trajectory would be inert and the update would time almost nothing
     "trainer.skip_inert_rows=false",
+    # the head as sr1 runs it by default (chunked); the quickstart's config keeps the whole
+    # logits only to reproduce its published numbers (--set trainer.logits_chunk_mib=-1 for it)
+    "trainer.logits_chunk_mib=0",
 ]
 SETUPS = {
     "hf": ["rollout.engine=hf", "rollout.placement=inprocess"],
