@@ -99,3 +99,31 @@ def rows(tok: Any) -> list[dict[str, Any]]:
         out.append({"id": i, "question": q, "golden_answers": gold, "data_source": "tiny",
                     "prompt": prompt, "metadata": {}})  # fmt: skip
     return out
+
+
+def assert_heads_agree(policy: Any, b: Any, kw_a: dict, kw_b: dict) -> None:
+    """``response_forward`` with ``kw_a`` and with ``kw_b`` (head paths) give the same log-probs
+    and entropies at the loss's tokens, zeros elsewhere, and the same parameter gradients of
+    ``lp * adv + 0.1 * ent``."""
+    import torch
+
+    from sr1.algos import core
+    from sr1.train.batch import response_forward
+
+    sel = b.response_mask > 0
+    adv = torch.randn(b.response_mask.shape, generator=torch.Generator().manual_seed(0))
+    out = []
+    for kw in (kw_a, kw_b):
+        policy.zero_grad(set_to_none=True)
+        lp, ent = response_forward(policy, b, with_entropy=True, entropy_grad=True, **kw)
+        assert ent is not None
+        core.masked_mean(lp * adv + 0.1 * ent, b.response_mask).backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        out.append((lp.detach(), ent.detach(), grads))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = out
+    torch.testing.assert_close(lp_a[sel], lp_b[sel], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_a[sel], ent_b[sel], atol=1e-5, rtol=1e-5)
+    assert torch.all(lp_a[~sel] == 0) and torch.all(ent_a[~sel] == 0)
+    assert g_a.keys() == g_b.keys() and g_a
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], atol=1e-6, rtol=1e-4)

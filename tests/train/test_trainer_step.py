@@ -10,7 +10,7 @@ from sr1.errors import ConfigError, NotFoundError, Sr1Error
 from sr1.train.batch import batched_logprobs, collate, padded_tokens, response_forward
 from sr1.train.trainer import RLTrainer
 
-from .helpers import hand_trajectories, tiny_cfg
+from .helpers import assert_heads_agree, hand_trajectories, tiny_cfg
 
 torch.set_num_threads(1)
 
@@ -77,23 +77,7 @@ def test_policy_token_head_equals_the_full_head(tiny_qwen2, use_mask):
         if use_mask
         else bool(torch.all(sel == (b.response_valid > 0)))
     )
-    adv = torch.randn(b.response_mask.shape, generator=torch.Generator().manual_seed(0))
-    out = {}
-    for at in ("policy", "all"):
-        tr.policy.zero_grad(set_to_none=True)
-        lp, ent = response_forward(tr.policy, b, with_entropy=True, entropy_grad=True, logits_at=at)
-        assert ent is not None
-        loss = core.masked_mean(lp * adv + 0.1 * ent, b.response_mask)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in tr.policy.named_parameters() if p.grad is not None}
-        out[at] = (lp.detach(), ent.detach(), grads)
-    (lp_p, ent_p, g_p), (lp_a, ent_a, g_a) = out["policy"], out["all"]
-    torch.testing.assert_close(lp_p[sel], lp_a[sel], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ent_p[sel], ent_a[sel], atol=1e-5, rtol=1e-5)
-    assert torch.all(lp_p[~sel] == 0) and torch.all(ent_p[~sel] == 0)
-    assert g_p.keys() == g_a.keys() and g_p
-    for n in g_p:
-        torch.testing.assert_close(g_p[n], g_a[n], atol=1e-6, rtol=1e-4)
+    assert_heads_agree(tr.policy, b, {"logits_at": "policy"}, {"logits_at": "all"})
     with pytest.raises(ValueError, match="logits_at='every'.*policy"):
         response_forward(tr.policy, b, logits_at="every")
 
